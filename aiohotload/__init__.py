@@ -1,0 +1,47 @@
+"""aiohotload: an asyncio PostgreSQL pool that reloads its connection string live."""
+
+from __future__ import annotations
+
+from .drivers import Driver, register_driver, unregister_driver
+from .errors import (
+    DriverError,
+    HotloadError,
+    InvalidOptionError,
+    InvalidURLError,
+    RegistryError,
+    SourceError,
+    StrategyError,
+    UnknownDriverError,
+    UnknownStrategyError,
+)
+from .pool import HotPool, create_pool
+from .redact import redact_dsn
+from .strategies import Strategy, register_strategy, unregister_strategy
+from .url import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, HotloadURL, parse_url
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_DRAIN_TIMEOUT",
+    "Driver",
+    "DriverError",
+    "HotPool",
+    "HotloadError",
+    "HotloadURL",
+    "InvalidOptionError",
+    "InvalidURLError",
+    "RegistryError",
+    "SourceError",
+    "Strategy",
+    "StrategyError",
+    "UnknownDriverError",
+    "UnknownStrategyError",
+    "create_pool",
+    "parse_url",
+    "redact_dsn",
+    "register_driver",
+    "register_strategy",
+    "unregister_driver",
+    "unregister_strategy",
+]
+
+__version__ = "0.1.0"

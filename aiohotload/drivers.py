@@ -1,0 +1,120 @@
+"""Drivers: what builds an inner pool from a DSN. The built-in one is asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import asyncpg
+from asyncpg import connect_utils
+
+from ._registry import Registry
+from .errors import RegistryError, UnknownDriverError
+
+__all__ = [
+    "Driver",
+    "asyncpg_driver",
+    "cancel_in_flight",
+    "driver_names",
+    "get_driver",
+    "register_driver",
+    "unregister_driver",
+]
+
+logger = logging.getLogger("aiohotload")
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """An async factory: ``await driver(dsn, **pool_kwargs)`` returns an open inner pool with
+    the :class:`asyncpg.Pool` interface."""
+
+    def __call__(self, dsn: str, **pool_kwargs: Any) -> Awaitable[asyncpg.Pool]: ...
+
+
+async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
+    """Open an :class:`asyncpg.Pool` on *dsn* with *pool_kwargs*."""
+    return await asyncpg.create_pool(dsn, **pool_kwargs)
+
+
+def _coerce(item: object) -> Driver:
+    if callable(item):
+        return item  # type: ignore[return-value]
+    raise RegistryError(
+        f"a driver must be an async callable (dsn, **pool_kwargs) -> pool; got {type(item).__name__}"
+    )
+
+
+_registry: Registry[Driver] = Registry("driver", "aiohotload.drivers", UnknownDriverError, _coerce)
+
+
+def register_driver(name: str, factory: object, *, replace: bool = False) -> None:
+    """Register *factory* (``async (dsn, **pool_kwargs) -> pool``) as the URL host *name*.
+
+    Raises :class:`~aiohotload.RegistryError` for an empty or already registered name
+    unless ``replace=True``.
+    """
+    _registry.register(name, factory, replace=replace)
+
+
+def unregister_driver(name: str) -> None:
+    """Remove the driver registered under *name*, if any."""
+    _registry.unregister(name)
+
+
+def get_driver(name: str) -> Driver:
+    """The driver registered under *name*; :class:`~aiohotload.UnknownDriverError` if none."""
+    return _registry.get(name)
+
+
+def driver_names() -> list[str]:
+    """Names of every registered driver, entry-point plugins included."""
+    return _registry.names()
+
+
+register_driver("postgres", asyncpg_driver)
+register_driver("postgresql", asyncpg_driver)
+
+
+async def cancel_in_flight(pool: asyncpg.Pool, timeout: float) -> int:
+    """Ask the server to cancel whatever each checked-out connection of *pool* is running.
+
+    Closing a socket does not stop a query: the backend notices only when it next writes, so
+    a long query keeps running (and holding locks) on the old server. PostgreSQL's cancel
+    request needs no login (it carries the backend's secret key), so it works after a password
+    rotation too. Returns how many cancel requests were sent. Non-asyncpg pools are skipped.
+    """
+    targets = []
+    for holder in getattr(pool, "_holders", ()):
+        con = getattr(holder, "_con", None)
+        if con is None or con.is_closed() or getattr(holder, "_in_use", None) is None:
+            continue
+        protocol = getattr(con, "_protocol", None)
+        if protocol is None:
+            continue
+        targets.append(
+            connect_utils._cancel(
+                loop=asyncio.get_running_loop(),
+                addr=con._addr,
+                params=con._params,
+                backend_pid=protocol.backend_pid,
+                backend_secret=protocol.backend_secret,
+            )
+        )
+    if not targets:
+        return 0
+    results: list[object] = []
+    with anyio.move_on_after(timeout) as scope:
+        results = await asyncio.gather(*targets, return_exceptions=True)
+    if scope.cancelled_caught:
+        logger.warning("cancel requests to the old server timed out after %.1fs", timeout)
+        return len(targets)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        logger.warning(
+            "%d of %d cancel requests failed: %s", len(failed), len(targets), type(failed[0]).__name__
+        )
+    return len(targets)

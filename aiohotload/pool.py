@@ -1,0 +1,743 @@
+"""HotPool: an asyncpg-compatible pool whose DSN is reloaded live.
+
+The swap is one state machine: each DSN that opens successfully becomes a *generation*
+(an inner pool plus a count of the callers using it). Exactly one generation is current;
+new work always goes to it. A swap makes the new generation current and *retires* the old
+one, which is then drained (graceful) or terminated (``force_kill``) by ``_drain``. Only
+``_swap``, ``_retire`` and ``_drain`` change that state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup
+from asyncpg.pool import PoolConnectionProxy
+
+from .drivers import Driver, cancel_in_flight, get_driver
+from .errors import DriverError, HotloadError, StrategyError
+from .redact import redact_dsn, redact_text, secrets_of
+from .strategies import Strategy, get_strategy
+from .url import HotloadURL, parse_url
+
+__all__ = ["HotPool", "create_pool"]
+
+logger = logging.getLogger("aiohotload")
+
+# Retry delays after a failed reload: doubling from the first, capped, with jitter.
+_RETRY_FIRST = 0.25
+_RETRY_MAX = 15.0
+# Bound on sending cancel requests to an old server during a force kill.
+_CANCEL_TIMEOUT = 5.0
+
+
+class _Generation:
+    """One inner pool and the number of callers currently inside it."""
+
+    __slots__ = ("dsn", "idle", "number", "opened_in", "pool", "retired", "target", "users")
+
+    def __init__(self, number: int, pool: asyncpg.Pool, dsn: str, opened_in: float) -> None:
+        self.number = number
+        self.pool = pool
+        self.dsn = dsn
+        self.target = redact_dsn(dsn)
+        self.opened_in = opened_in
+        self.users = 0
+        self.retired = False
+        self.idle = asyncio.Event()
+
+
+class HotPool:
+    """A drop-in for :class:`asyncpg.Pool` that follows its DSN as it changes.
+
+    Create it with :func:`create_pool`. Every :class:`asyncpg.Pool` method is available with
+    the same signature; on top, :attr:`generation`, :attr:`target`, :attr:`last_error` and
+    :meth:`wait_for_swap` show the reloads.
+    """
+
+    def __init__(self, url: str, **pool_kwargs: Any) -> None:
+        self._url: HotloadURL = parse_url(url)
+        self._strategy: Strategy = get_strategy(self._url.strategy)
+        self._driver: Driver = get_driver(self._url.driver)
+        self._pool_kwargs = pool_kwargs
+
+        self._current: _Generation | None = None
+        self._retired: set[_Generation] = set()
+        self._generation = 0
+        self._owners: dict[PoolConnectionProxy, _Generation] = {}
+
+        self._wanted: str | None = None  # newest DSN from the strategy
+        self._wake: asyncio.Event | None = None
+        self._first: asyncio.Future[str] | None = None
+        self._next_swap: asyncio.Future[int] | None = None
+        self._last_error: HotloadError | None = None
+
+        self._tg: TaskGroup | None = None
+        self._watch_scope: anyio.CancelScope | None = None
+        self._stop: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closing_task: asyncio.Task[None] | None = None
+        self._initialized = False
+        self._initializing = False
+        self._closing = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _async__init__(self) -> HotPool:
+        if self._initialized:
+            return self
+        if self._initializing:
+            raise asyncpg.InterfaceError("pool is being initialized in another task")
+        if self._closed:
+            raise asyncpg.InterfaceError("pool is closed")
+        self._initializing = True
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._first = loop.create_future()
+        self._next_swap = loop.create_future()
+        self._runner = loop.create_task(self._run(), name=f"aiohotload:{self._url.strategy}")
+        try:
+            with anyio.fail_after(self._url.connect_timeout):
+                dsn = await asyncio.shield(self._first)
+        except TimeoutError:
+            await self._abort_init()
+            raise StrategyError(
+                f"strategy {self._url.strategy!r} gave no DSN for {self._url.path!r} "
+                f"within {self._url.connect_timeout:g}s (connect_timeout)"
+            ) from None
+        except BaseException:
+            await self._abort_init()
+            raise
+        try:
+            pool, opened_in = await self._open(dsn)
+        except BaseException:
+            await self._abort_init()
+            raise
+        self._current = _Generation(0, pool, dsn, opened_in)
+        self._initialized = True
+        self._initializing = False
+        logger.info(
+            "pool opened on %s (generation 0, %.0f ms)", self._current.target, opened_in * 1000
+        )
+        return self
+
+    async def _abort_init(self) -> None:
+        self._initializing = False
+        self._closed = True
+        if self._first is not None and self._first.done() and not self._first.cancelled():
+            self._first.exception()  # mark retrieved
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+        if self._stop is not None:
+            self._stop.set()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+    def __await__(self) -> Generator[Any, None, HotPool]:
+        return self._async__init__().__await__()
+
+    async def __aenter__(self) -> HotPool:
+        return await self._async__init__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop watching, drain every inner pool (bounded by ``drain_timeout``) and close.
+
+        New acquires fail with :class:`asyncpg.InterfaceError` from the moment ``close()``
+        is called; work already holding a connection finishes. Idempotent.
+        """
+        if self._closed and self._closing_task is None:
+            return
+        if self._closing_task is None:
+            self._closing_task = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing_task)
+
+    async def _close(self) -> None:
+        self._closing = True
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+        if self._current is not None:
+            self._retire(self._current, force=False)
+        if self._stop is not None:
+            self._stop.set()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        self._finish_close()
+        logger.info("pool closed")
+
+    def terminate(self) -> None:
+        """Terminate every connection of every inner pool at once and stop watching."""
+        if self._closed and self._closing_task is None:
+            return
+        self._closing = True
+        for gen in [self._current, *self._retired]:
+            if gen is not None:
+                gen.pool.terminate()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        if self._stop is not None:
+            self._stop.set()
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        self._closed = True
+        self._current = None
+        self._retired.clear()
+        self._owners.clear()
+        if self._next_swap is not None and not self._next_swap.done():
+            self._next_swap.set_exception(asyncpg.InterfaceError("pool is closed"))
+            self._next_swap.exception()
+
+    def is_closing(self) -> bool:
+        """True once :meth:`close` or :meth:`terminate` has been called."""
+        return self._closing or self._closed
+
+    # ------------------------------------------------------------------ background work
+
+    async def _run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._watch_and_reload)
+                assert self._stop is not None
+                await self._stop.wait()
+                # Leaving the task group waits for the drains started by close().
+        except Exception:
+            logger.exception("aiohotload background task failed; reloads have stopped")
+        finally:
+            self._tg = None
+
+    async def _watch_and_reload(self) -> None:
+        with anyio.CancelScope() as scope:
+            self._watch_scope = scope
+            if self._closing:
+                scope.cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch)
+                tg.start_soon(self._reload_loop)
+
+    async def _watch(self) -> None:
+        """Run the strategy; restart it with backoff if it fails after the first value."""
+        failures = 0
+        while True:
+            try:
+                iterator = self._strategy.watch(self._url.path, self._url.options)
+                try:
+                    async for dsn in iterator:
+                        failures = 0
+                        self._offer(dsn)
+                finally:
+                    aclose = getattr(iterator, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                logger.debug("strategy %r finished; keeping the current DSN", self._url.strategy)
+                return
+            except Exception as exc:
+                assert self._first is not None
+                if not self._first.done():
+                    self._first.set_exception(exc)
+                    return
+                failures += 1
+                delay = _retry_delay(failures)
+                self._last_error = StrategyError(
+                    f"strategy {self._url.strategy!r} failed: {_describe(exc, ())}"
+                )
+                logger.warning(
+                    "strategy %r failed (attempt %d): %s; restarting in %.1fs",
+                    self._url.strategy, failures, _describe(exc, ()), delay,
+                )
+                await anyio.sleep(delay)
+
+    def _offer(self, dsn: str) -> None:
+        dsn = dsn.strip()
+        if not dsn:
+            return
+        assert self._first is not None and self._wake is not None
+        if not self._first.done():
+            self._wanted = dsn
+            self._first.set_result(dsn)
+            return
+        if dsn != self._wanted:
+            logger.debug("strategy offered a new DSN: %s", redact_dsn(dsn))
+            self._wanted = dsn
+            self._wake.set()
+
+    async def _reload_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            failures = 0
+            while (dsn := self._wanted) is not None and self._current is not None:
+                if dsn == self._current.dsn:
+                    self._last_error = None
+                    break
+                try:
+                    opened = await self._open_unless_superseded(dsn)
+                except Exception as exc:
+                    failures += 1
+                    delay = _retry_delay(failures)
+                    error = _reload_error(exc, dsn)
+                    self._last_error = error
+                    logger.warning(
+                        "reload failed (attempt %d): %s; still serving generation %d (%s); "
+                        "retrying in %.1fs",
+                        failures, error, self._current.number,
+                        self._current.target, delay,
+                    )
+                    with anyio.move_on_after(delay):
+                        await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake.clear()
+                        if self._wanted != dsn:
+                            failures = 0
+                    continue
+                if opened is None:
+                    continue  # a newer DSN arrived while opening; go again with it
+                pool, opened_in = opened
+                self._swap(dsn, pool, opened_in)
+                break
+
+    async def _open_unless_superseded(self, dsn: str) -> tuple[asyncpg.Pool, float] | None:
+        """Open a pool on *dsn*, or return None if a different DSN arrives meanwhile."""
+        assert self._wake is not None
+        opening = asyncio.ensure_future(self._open(dsn))
+        while True:
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({opening, waker}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                waker.cancel()
+                await _cancel_and_close(opening)
+                raise
+            waker.cancel()
+            if opening.done():
+                return opening.result()
+            self._wake.clear()
+            if self._wanted != dsn:
+                logger.info("reload to %s superseded by a newer DSN", redact_dsn(dsn))
+                await _cancel_and_close(opening)
+                return None
+
+    async def _open(self, dsn: str) -> tuple[asyncpg.Pool, float]:
+        """Open an inner pool on *dsn*, bounded by ``connect_timeout``, with errors redacted."""
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self._url.connect_timeout):
+                pool = await self._driver(dsn, **self._pool_kwargs)
+        except TimeoutError:
+            raise DriverError(
+                f"could not open a pool on {redact_dsn(dsn)} within "
+                f"{self._url.connect_timeout:g}s (connect_timeout)"
+            ) from None
+        except HotloadError:
+            raise
+        except Exception as exc:
+            raise _reload_error(exc, dsn) from None
+        return pool, time.perf_counter() - started
+
+    # ------------------------------------------------------------------ the swap state machine
+
+    def _swap(self, dsn: str, pool: asyncpg.Pool, opened_in: float) -> None:
+        old = self._current
+        assert old is not None
+        self._generation += 1
+        new = _Generation(self._generation, pool, dsn, opened_in)
+        self._current = new
+        self._last_error = None
+        logger.info(
+            "swapped to generation %d: %s -> %s (new pool opened in %.0f ms, old one %s)",
+            new.number, old.target, new.target, opened_in * 1000,
+            "terminated" if self._url.force_kill else "draining",
+        )
+        self._retire(old, force=self._url.force_kill)
+        waiter = self._next_swap
+        self._next_swap = asyncio.get_running_loop().create_future()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(new.number)
+
+    def _retire(self, gen: _Generation, *, force: bool) -> None:
+        if gen.retired:
+            return
+        gen.retired = True
+        if self._current is gen:
+            self._current = None
+        self._retired.add(gen)
+        if gen.users == 0:
+            gen.idle.set()
+        if self._tg is not None:
+            self._tg.start_soon(self._drain, gen, force)
+        else:  # the background task is gone (terminate); nothing can drain: stop it now
+            gen.pool.terminate()
+            self._retired.discard(gen)
+
+    async def _drain(self, gen: _Generation, force: bool) -> None:
+        started = time.perf_counter()
+        terminated = 0
+        try:
+            if force:
+                terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
+                gen.pool.terminate()
+            else:
+                # Expired connections are closed when released instead of going back idle.
+                await gen.pool.expire_connections()
+                with anyio.move_on_after(self._url.drain_timeout) as scope:
+                    await gen.idle.wait()
+                    await gen.pool.close()
+                if scope.cancelled_caught:
+                    terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
+                    gen.pool.terminate()
+                    logger.warning(
+                        "generation %d (%s) did not drain within %gs: terminated %d "
+                        "connection(s) still in use",
+                        gen.number, gen.target, self._url.drain_timeout, terminated,
+                    )
+        except Exception:
+            logger.exception("draining generation %d failed; terminating it", gen.number)
+            gen.pool.terminate()
+        finally:
+            self._retired.discard(gen)
+        logger.info(
+            "generation %d (%s) %s in %.0f ms",
+            gen.number, gen.target, "terminated" if force else "drained",
+            (time.perf_counter() - started) * 1000,
+        )
+
+    # ------------------------------------------------------------------ hot path
+
+    async def _checkout(self, timeout: float | None) -> tuple[PoolConnectionProxy, _Generation]:
+        while True:
+            gen = self._current
+            if gen is None:
+                raise asyncpg.InterfaceError(self._unusable_reason())
+            gen.users += 1
+            try:
+                con = await gen.pool.acquire(timeout=timeout)
+            except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                self._leave(gen)
+                # The generation was retired and stopped under us (force kill, drain
+                # timeout, its server went away): the new one can serve this caller.
+                if gen.retired and self._current is not None:
+                    continue
+                raise
+            except BaseException:
+                self._leave(gen)
+                raise
+            return con, gen
+
+    async def _checkin(self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None) -> None:
+        try:
+            await gen.pool.release(con, timeout=timeout)
+        except asyncpg.InterfaceError:
+            # A terminated old pool has already dropped this connection.
+            if not (gen.retired and gen.pool.is_closing()):
+                raise
+        finally:
+            self._leave(gen)
+
+    def _leave(self, gen: _Generation) -> None:
+        gen.users -= 1
+        if gen.users == 0 and gen.retired:
+            gen.idle.set()
+
+    def _unusable_reason(self) -> str:
+        if self._closed or self._closing:
+            return "pool is closing" if not self._closed else "pool is closed"
+        return "pool is not initialized"
+
+    def acquire(self, *, timeout: float | None = None) -> _AcquireContext:
+        """Acquire a connection from the current inner pool (``await`` or ``async with``)."""
+        return _AcquireContext(self, timeout)
+
+    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy:
+        con, gen = await self._checkout(timeout)
+        self._owners[con] = gen
+        return con
+
+    async def release(self, connection: PoolConnectionProxy, *, timeout: float | None = None) -> None:
+        """Release *connection* to the inner pool it came from, also after a swap."""
+        gen = self._owners.pop(connection, None)
+        if gen is None:
+            if isinstance(connection, PoolConnectionProxy) and connection._con is None:
+                return  # already released, as asyncpg allows
+            raise asyncpg.InterfaceError(
+                f"HotPool.release() received invalid connection: {connection!r} "
+                "is not a member of this pool"
+            )
+        await self._checkin(connection, gen, timeout)
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        """Execute an SQL command (or commands); see :meth:`asyncpg.Connection.execute`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.execute(query, *args, timeout=timeout)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def executemany(
+        self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        """Execute *command* for each sequence in *args*; see :meth:`asyncpg.Connection.executemany`."""
+        con, gen = await self._checkout(None)
+        try:
+            await con.executemany(command, args, timeout=timeout)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def fetch(
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> list[Any]:
+        """Run a query and return the rows; see :meth:`asyncpg.Connection.fetch`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.fetch(query, *args, timeout=timeout, record_class=record_class)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def fetchval(
+        self, query: str, *args: Any, column: int | str = 0, timeout: float | None = None
+    ) -> Any:
+        """Run a query and return one value of the first row; see :meth:`asyncpg.Connection.fetchval`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.fetchval(query, *args, column=column, timeout=timeout)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def fetchrow(
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> Any:
+        """Run a query and return the first row; see :meth:`asyncpg.Connection.fetchrow`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def fetchmany(
+        self,
+        query: str,
+        args: Iterable[Sequence[Any]],
+        *,
+        timeout: float | None = None,
+        record_class: Any = None,
+    ) -> list[Any]:
+        """Run a query for each sequence in *args* and return the rows; see
+        :meth:`asyncpg.Connection.fetchmany`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
+        """Copy a table's contents out; see :meth:`asyncpg.Connection.copy_from_table`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.copy_from_table(table_name, **kwargs)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
+        """Copy a query's results out; see :meth:`asyncpg.Connection.copy_from_query`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.copy_from_query(query, *args, **kwargs)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
+        """Copy data into a table; see :meth:`asyncpg.Connection.copy_to_table`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.copy_to_table(table_name, **kwargs)
+        finally:
+            await self._checkin(con, gen, None)
+
+    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
+        """Copy records into a table; see :meth:`asyncpg.Connection.copy_records_to_table`."""
+        con, gen = await self._checkout(None)
+        try:
+            return await con.copy_records_to_table(table_name, **kwargs)
+        finally:
+            await self._checkin(con, gen, None)
+
+    # ------------------------------------------------------------------ sizes and state
+
+    async def expire_connections(self) -> None:
+        """Replace the current inner pool's connections on their next acquire."""
+        if self._current is not None:
+            await self._current.pool.expire_connections()
+
+    def get_size(self) -> int:
+        """Connections open in the current inner pool and in those still draining."""
+        return sum(g.pool.get_size() for g in self._generations())
+
+    def get_min_size(self) -> int:
+        """The minimum size of each inner pool."""
+        return self._require_current().pool.get_min_size()
+
+    def get_max_size(self) -> int:
+        """The maximum size of each inner pool."""
+        return self._require_current().pool.get_max_size()
+
+    def get_idle_size(self) -> int:
+        """Idle connections in the current inner pool."""
+        gen = self._current
+        return gen.pool.get_idle_size() if gen is not None else 0
+
+    @property
+    def generation(self) -> int:
+        """How many swaps have happened: 0 for the first inner pool, +1 per swap."""
+        return self._generation
+
+    @property
+    def target(self) -> str | None:
+        """The current DSN with its password redacted (None before init and after close)."""
+        gen = self._current
+        return gen.target if gen is not None else None
+
+    @property
+    def last_error(self) -> HotloadError | None:
+        """Why the newest DSN is not in use yet (redacted), or None if it is."""
+        return self._last_error
+
+    @property
+    def draining(self) -> int:
+        """How many old inner pools are still draining."""
+        return len(self._retired)
+
+    @property
+    def url(self) -> HotloadURL:
+        """The parsed hotload URL."""
+        return self._url
+
+    async def wait_for_swap(self, timeout: float | None = None) -> int:
+        """Wait until the next swap and return the new generation.
+
+        Raises :class:`TimeoutError` after *timeout* seconds and
+        :class:`asyncpg.InterfaceError` if the pool closes first.
+        """
+        if self._next_swap is None or self._closed:
+            raise asyncpg.InterfaceError(self._unusable_reason())
+        waiter = self._next_swap
+        with anyio.fail_after(timeout):
+            return await asyncio.shield(waiter)
+
+    async def wait_until(
+        self, predicate: Callable[[HotPool], bool], timeout: float | None = None
+    ) -> None:
+        """Wait until *predicate(pool)* holds, re-checking after each swap."""
+        with anyio.fail_after(timeout):
+            while not predicate(self):
+                assert self._next_swap is not None
+                await asyncio.shield(self._next_swap)
+
+    def _generations(self) -> list[_Generation]:
+        gens = list(self._retired)
+        if self._current is not None:
+            gens.append(self._current)
+        return gens
+
+    def _require_current(self) -> _Generation:
+        if self._current is None:
+            raise asyncpg.InterfaceError(self._unusable_reason())
+        return self._current
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "closing" if self._closing else "open"
+        return (
+            f"<aiohotload.HotPool {self._url.strategy}://{self._url.driver}{self._url.path} "
+            f"generation={self._generation} target={self.target!r} {state}>"
+        )
+
+
+class _AcquireContext:
+    """What :meth:`HotPool.acquire` returns: awaitable, or an async context manager."""
+
+    __slots__ = ("_con", "_done", "_pool", "_timeout")
+
+    def __init__(self, pool: HotPool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._con: PoolConnectionProxy | None = None
+        self._done = False
+
+    async def __aenter__(self) -> PoolConnectionProxy:
+        if self._con is not None or self._done:
+            raise asyncpg.InterfaceError("a connection is already acquired")
+        self._con = await self._pool._acquire(self._timeout)
+        return self._con
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done = True
+        con, self._con = self._con, None
+        if con is not None:
+            await self._pool.release(con)
+
+    def __await__(self) -> Generator[Any, None, PoolConnectionProxy]:
+        self._done = True
+        return self._pool._acquire(self._timeout).__await__()
+
+
+def create_pool(url: str, **pool_kwargs: Any) -> HotPool:
+    """Create a :class:`HotPool` from a hotload URL; ``await`` it or use ``async with``.
+
+    *url* is ``<strategy>://<driver>/<path>?<options>``, e.g.
+    ``watchfiles://postgres/etc/app/dsn.txt?drain_timeout=10``. *pool_kwargs* go to the driver
+    for every inner pool (``min_size``, ``max_size``, ``init``, ``setup``, ...). A malformed URL
+    or unknown strategy/driver raises here; a bad option, a missing source or an unreachable
+    first DSN raises when awaited.
+    """
+    return HotPool(url, **pool_kwargs)
+
+
+def _retry_delay(failures: int) -> float:
+    base = min(_RETRY_MAX, _RETRY_FIRST * 2 ** min(failures - 1, 16))
+    return base * random.uniform(0.8, 1.2)
+
+
+def _describe(exc: BaseException, secrets: Sequence[str]) -> str:
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return redact_text(text, list(secrets))
+
+
+def _reload_error(exc: BaseException, dsn: str) -> HotloadError:
+    if isinstance(exc, HotloadError):
+        return exc
+    return DriverError(
+        f"could not open a pool on {redact_dsn(dsn)}: {_describe(exc, secrets_of(dsn))}"
+    )
+
+
+async def _cancel_and_close(opening: asyncio.Future[tuple[asyncpg.Pool, float]]) -> None:
+    if not opening.done():
+        opening.cancel()
+    results = await asyncio.gather(opening, return_exceptions=True)
+    result = results[0]
+    if isinstance(result, tuple):
+        result[0].terminate()
+

@@ -1,0 +1,92 @@
+"""Strategies: where a DSN comes from and how its changes are seen.
+
+A strategy is any object with a ``watch(path, options)`` method returning an async iterator
+of DSN strings (usually an async generator). The first value is the initial DSN; each later
+value is a change. A strategy validates its options before yielding anything and raises
+:class:`~aiohotload.InvalidOptionError` for an option it does not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol, runtime_checkable
+
+from .._registry import Registry
+from ..errors import RegistryError, UnknownStrategyError
+
+__all__ = ["Strategy", "get_strategy", "register_strategy", "strategy_names", "unregister_strategy"]
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """Produces DSNs: the first yielded value is the initial DSN, later ones are changes."""
+
+    def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
+        """Yield the current DSN, then each new DSN as it changes, until cancelled."""
+        ...
+
+
+class _FunctionStrategy:
+    """Adapts a plain ``async def f(path, options)`` generator function to :class:`Strategy`."""
+
+    def __init__(self, func: Callable[[str, Mapping[str, str]], AsyncIterator[str]]) -> None:
+        self._func = func
+
+    def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
+        return self._func(path, options)
+
+    def __repr__(self) -> str:
+        return f"<strategy {getattr(self._func, '__qualname__', self._func)!r}>"
+
+
+def _coerce(item: object) -> Strategy:
+    if isinstance(item, Strategy):
+        return item
+    if callable(item):
+        return _FunctionStrategy(item)  # type: ignore[arg-type]
+    raise RegistryError(
+        f"a strategy must have a watch(path, options) method or be an async generator "
+        f"function; got {type(item).__name__}"
+    )
+
+
+_registry: Registry[Strategy] = Registry(
+    "strategy", "aiohotload.strategies", UnknownStrategyError, _coerce
+)
+
+
+def register_strategy(name: str, strategy: object, *, replace: bool = False) -> None:
+    """Register *strategy* under the URL scheme *name*.
+
+    *strategy* is a :class:`Strategy` or an async generator function ``f(path, options)``.
+    Raises :class:`~aiohotload.RegistryError` for an empty or already registered name
+    unless ``replace=True``.
+    """
+    _registry.register(name, strategy, replace=replace)
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove the strategy registered under *name*, if any."""
+    _registry.unregister(name)
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under *name*; :class:`~aiohotload.UnknownStrategyError` if none."""
+    return _registry.get(name)
+
+
+def strategy_names() -> list[str]:
+    """Names of every registered strategy, entry-point plugins included."""
+    return _registry.names()
+
+
+def _register_builtins() -> None:
+    from .files import WatchfilesStrategy
+
+    files = WatchfilesStrategy()
+    register_strategy("watchfiles", files)
+    # Go hotload's scheme, so its URLs work unchanged.
+    register_strategy("fsnotify", files)
+
+
+_register_builtins()
