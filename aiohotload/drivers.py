@@ -42,9 +42,10 @@ async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
 
 def _coerce(item: object) -> Driver:
     if callable(item):
-        return item  # type: ignore[return-value]
+        return item
     raise RegistryError(
-        f"a driver must be an async callable (dsn, **pool_kwargs) -> pool; got {type(item).__name__}"
+        "a driver must be an async callable (dsn, **pool_kwargs) -> pool; "
+        f"got {type(item).__name__}"
     )
 
 
@@ -96,7 +97,7 @@ async def cancel_in_flight(pool: asyncpg.Pool, timeout: float) -> int:
         if protocol is None:
             continue
         targets.append(
-            connect_utils._cancel(
+            connect_utils._cancel(  # type: ignore[attr-defined]
                 loop=asyncio.get_running_loop(),
                 addr=con._addr,
                 params=con._params,
@@ -115,6 +116,9 @@ async def cancel_in_flight(pool: asyncpg.Pool, timeout: float) -> int:
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         logger.warning(
-            "%d of %d cancel requests failed: %s", len(failed), len(targets), type(failed[0]).__name__
+            "%d of %d cancel requests failed: %s",
+            len(failed),
+            len(targets),
+            type(failed[0]).__name__,
         )
     return len(targets)

@@ -37,6 +37,8 @@ _RETRY_FIRST = 0.25
 _RETRY_MAX = 15.0
 # Bound on sending cancel requests to an old server during a force kill.
 _CANCEL_TIMEOUT = 5.0
+# Bound on closing a released connection of an old pool (its server may have gone silent).
+_RELEASE_TIMEOUT = 5.0
 
 
 class _Generation:
@@ -126,6 +128,8 @@ class HotPool:
         self._current = _Generation(0, pool, dsn, opened_in)
         self._initialized = True
         self._initializing = False
+        if self._wanted != dsn:  # the source changed while the first pool was opening
+            self._wake.set()
         logger.info(
             "pool opened on %s (generation 0, %.0f ms)", self._current.target, opened_in * 1000
         )
@@ -133,6 +137,7 @@ class HotPool:
 
     async def _abort_init(self) -> None:
         self._initializing = False
+        self._closing = True
         self._closed = True
         if self._first is not None and self._first.done() and not self._first.cancelled():
             self._first.exception()  # mark retrieved
@@ -246,7 +251,14 @@ class HotPool:
                 finally:
                     aclose = getattr(iterator, "aclose", None)
                     if aclose is not None:
-                        await aclose()
+                        # Shielded so the strategy can release its watcher even when cancelled.
+                        with anyio.move_on_after(_CANCEL_TIMEOUT, shield=True):
+                            await aclose()
+                assert self._first is not None
+                if not self._first.done():
+                    self._first.set_exception(
+                        StrategyError(f"strategy {self._url.strategy!r} ended without a DSN")
+                    )
                 logger.debug("strategy %r finished; keeping the current DSN", self._url.strategy)
                 return
             except Exception as exc:
@@ -261,7 +273,10 @@ class HotPool:
                 )
                 logger.warning(
                     "strategy %r failed (attempt %d): %s; restarting in %.1fs",
-                    self._url.strategy, failures, _describe(exc, ()), delay,
+                    self._url.strategy,
+                    failures,
+                    _describe(exc, ()),
+                    delay,
                 )
                 await anyio.sleep(delay)
 
@@ -299,8 +314,11 @@ class HotPool:
                     logger.warning(
                         "reload failed (attempt %d): %s; still serving generation %d (%s); "
                         "retrying in %.1fs",
-                        failures, error, self._current.number,
-                        self._current.target, delay,
+                        failures,
+                        error,
+                        self._current.number,
+                        self._current.target,
+                        delay,
                     )
                     with anyio.move_on_after(delay):
                         await self._wake.wait()
@@ -364,7 +382,10 @@ class HotPool:
         self._last_error = None
         logger.info(
             "swapped to generation %d: %s -> %s (new pool opened in %.0f ms, old one %s)",
-            new.number, old.target, new.target, opened_in * 1000,
+            new.number,
+            old.target,
+            new.target,
+            opened_in * 1000,
             "terminated" if self._url.force_kill else "draining",
         )
         self._retire(old, force=self._url.force_kill)
@@ -407,7 +428,10 @@ class HotPool:
                     logger.warning(
                         "generation %d (%s) did not drain within %gs: terminated %d "
                         "connection(s) still in use",
-                        gen.number, gen.target, self._url.drain_timeout, terminated,
+                        gen.number,
+                        gen.target,
+                        self._url.drain_timeout,
+                        terminated,
                     )
         except Exception:
             logger.exception("draining generation %d failed; terminating it", gen.number)
@@ -416,7 +440,9 @@ class HotPool:
             self._retired.discard(gen)
         logger.info(
             "generation %d (%s) %s in %.0f ms",
-            gen.number, gen.target, "terminated" if force else "drained",
+            gen.number,
+            gen.target,
+            "terminated" if force else "drained",
             (time.perf_counter() - started) * 1000,
         )
 
@@ -442,15 +468,29 @@ class HotPool:
                 raise
             return con, gen
 
-    async def _checkin(self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None) -> None:
+    async def _checkin(
+        self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
+    ) -> None:
         try:
-            await gen.pool.release(con, timeout=timeout)
-        except asyncpg.InterfaceError:
-            # A terminated old pool has already dropped this connection.
-            if not (gen.retired and gen.pool.is_closing()):
-                raise
+            if gen.retired:
+                await self._release_retired(con, gen, timeout)
+            else:
+                await gen.pool.release(con, timeout=timeout)
         finally:
             self._leave(gen)
+
+    async def _release_retired(
+        self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
+    ) -> None:
+        # The connection belongs to a pool being discarded: asyncpg closes it (it was
+        # expired), bounded so a silent old server cannot hang the caller, and a failure to
+        # close it cleanly is not the caller's problem.
+        try:
+            await gen.pool.release(con, timeout=_RELEASE_TIMEOUT if timeout is None else timeout)
+        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+            logger.debug(
+                "closing a connection of generation %d failed: %s", gen.number, type(exc).__name__
+            )
 
     def _leave(self, gen: _Generation) -> None:
         gen.users -= 1
@@ -471,11 +511,13 @@ class HotPool:
         self._owners[con] = gen
         return con
 
-    async def release(self, connection: PoolConnectionProxy, *, timeout: float | None = None) -> None:
+    async def release(
+        self, connection: PoolConnectionProxy, *, timeout: float | None = None
+    ) -> None:
         """Release *connection* to the inner pool it came from, also after a swap."""
         gen = self._owners.pop(connection, None)
         if gen is None:
-            if isinstance(connection, PoolConnectionProxy) and connection._con is None:
+            if isinstance(connection, PoolConnectionProxy) and connection._con is None:  # type: ignore[attr-defined]
                 return  # already released, as asyncpg allows
             raise asyncpg.InterfaceError(
                 f"HotPool.release() received invalid connection: {connection!r} "
@@ -494,7 +536,7 @@ class HotPool:
     async def executemany(
         self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
-        """Execute *command* for each sequence in *args*; see :meth:`asyncpg.Connection.executemany`."""
+        """Execute *command* once per sequence in *args*; see asyncpg's ``executemany``."""
         con, gen = await self._checkout(None)
         try:
             await con.executemany(command, args, timeout=timeout)
@@ -507,14 +549,17 @@ class HotPool:
         """Run a query and return the rows; see :meth:`asyncpg.Connection.fetch`."""
         con, gen = await self._checkout(None)
         try:
-            return await con.fetch(query, *args, timeout=timeout, record_class=record_class)
+            rows: list[Any] = await con.fetch(
+                query, *args, timeout=timeout, record_class=record_class
+            )
+            return rows
         finally:
             await self._checkin(con, gen, None)
 
     async def fetchval(
-        self, query: str, *args: Any, column: int | str = 0, timeout: float | None = None
+        self, query: str, *args: Any, column: int = 0, timeout: float | None = None
     ) -> Any:
-        """Run a query and return one value of the first row; see :meth:`asyncpg.Connection.fetchval`."""
+        """Run a query and return one value of the first row; see asyncpg's ``fetchval``."""
         con, gen = await self._checkout(None)
         try:
             return await con.fetchval(query, *args, column=column, timeout=timeout)
@@ -543,7 +588,10 @@ class HotPool:
         :meth:`asyncpg.Connection.fetchmany`."""
         con, gen = await self._checkout(None)
         try:
-            return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)
+            rows: list[Any] = await con.fetchmany(
+                query, args, timeout=timeout, record_class=record_class
+            )
+            return rows
         finally:
             await self._checkin(con, gen, None)
 
@@ -715,7 +763,7 @@ def create_pool(url: str, **pool_kwargs: Any) -> HotPool:
 
 
 def _retry_delay(failures: int) -> float:
-    base = min(_RETRY_MAX, _RETRY_FIRST * 2 ** min(failures - 1, 16))
+    base = min(_RETRY_MAX, _RETRY_FIRST * 2.0 ** min(failures - 1, 16))
     return base * random.uniform(0.8, 1.2)
 
 
@@ -734,10 +782,11 @@ def _reload_error(exc: BaseException, dsn: str) -> HotloadError:
 
 
 async def _cancel_and_close(opening: asyncio.Future[tuple[asyncpg.Pool, float]]) -> None:
+    """Stop an attempt to open a pool; terminate the pool if it opened anyway."""
     if not opening.done():
         opening.cancel()
-    results = await asyncio.gather(opening, return_exceptions=True)
+    with anyio.CancelScope(shield=True):
+        results = await asyncio.gather(opening, return_exceptions=True)
     result = results[0]
     if isinstance(result, tuple):
         result[0].terminate()
-

@@ -43,7 +43,7 @@ def _coerce(item: object) -> Strategy:
     if isinstance(item, Strategy):
         return item
     if callable(item):
-        return _FunctionStrategy(item)  # type: ignore[arg-type]
+        return _FunctionStrategy(item)
     raise RegistryError(
         f"a strategy must have a watch(path, options) method or be an async generator "
         f"function; got {type(item).__name__}"
