@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -44,11 +44,26 @@ _RELEASE_TIMEOUT = 5.0
 class _Generation:
     """One inner pool and the number of callers currently inside it."""
 
-    __slots__ = ("dsn", "idle", "number", "opened_in", "pool", "retired", "target", "users")
+    __slots__ = (
+        "acquire",
+        "dsn",
+        "idle",
+        "number",
+        "opened_in",
+        "pool",
+        "retired",
+        "target",
+        "users",
+    )
 
     def __init__(self, number: int, pool: asyncpg.Pool, dsn: str, opened_in: float) -> None:
         self.number = number
         self.pool = pool
+        # asyncpg's Pool._acquire skips the PoolAcquireContext that Pool.acquire builds: one
+        # allocation and one frame less on the hottest path. Other drivers use acquire().
+        self.acquire: Callable[[float | None], Awaitable[PoolConnectionProxy]] = getattr(
+            pool, "_acquire", None
+        ) or (lambda timeout: pool.acquire(timeout=timeout))
         self.dsn = dsn
         self.target = redact_dsn(dsn)
         self.opened_in = opened_in
@@ -449,35 +464,53 @@ class HotPool:
     # ------------------------------------------------------------------ hot path
 
     async def _checkout(self, timeout: float | None) -> tuple[PoolConnectionProxy, _Generation]:
+        gen = self._current
+        if gen is not None:
+            gen.users += 1
+            try:
+                return await gen.acquire(timeout), gen
+            except BaseException as exc:
+                self._leave(gen)
+                if not self._moved_on(gen, exc):
+                    raise
+        return await self._checkout_again(timeout)
+
+    async def _checkout_again(
+        self, timeout: float | None
+    ) -> tuple[PoolConnectionProxy, _Generation]:
+        """The slow path of :meth:`_checkout`: retry on newer generations."""
         while True:
             gen = self._current
             if gen is None:
                 raise asyncpg.InterfaceError(self._unusable_reason())
             gen.users += 1
             try:
-                con = await gen.pool.acquire(timeout=timeout)
-            except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                return await gen.acquire(timeout), gen
+            except BaseException as exc:
                 self._leave(gen)
-                # The generation was retired and stopped under us (force kill, drain
-                # timeout, its server went away): the new one can serve this caller.
-                if gen.retired and self._current is not None:
-                    continue
-                raise
-            except BaseException:
-                self._leave(gen)
-                raise
-            return con, gen
+                if not self._moved_on(gen, exc):
+                    raise
 
-    async def _checkin(
+    def _moved_on(self, gen: _Generation, exc: BaseException) -> bool:
+        """Whether an acquire failed only because *gen* was retired and stopped under it
+        (force kill, drain timeout, its server went away), so a newer generation can serve
+        the caller instead."""
+        return (
+            gen.retired
+            and self._current is not None
+            and isinstance(exc, (asyncpg.InterfaceError, asyncpg.PostgresError, OSError))
+        )
+
+    def _checkin(
         self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
-    ) -> None:
-        try:
-            if gen.retired:
-                await self._release_retired(con, gen, timeout)
-            else:
-                await gen.pool.release(con, timeout=timeout)
-        finally:
-            self._leave(gen)
+    ) -> Awaitable[None]:
+        """Release *con* to *gen*'s pool; returns the awaitable release (no extra frame)."""
+        if gen.retired:
+            return self._release_retired(con, gen, timeout)
+        # Counting the caller out before the release completes is safe: a drain only closes
+        # the pool once this count is 0, and asyncpg's close() waits for in-flight releases.
+        gen.users -= 1
+        return gen.pool.release(con, timeout=timeout)
 
     async def _release_retired(
         self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
@@ -487,10 +520,17 @@ class HotPool:
         # close it cleanly is not the caller's problem.
         try:
             await gen.pool.release(con, timeout=_RELEASE_TIMEOUT if timeout is None else timeout)
-        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+        except (
+            asyncpg.InterfaceError,
+            asyncpg.PostgresError,
+            OSError,
+            asyncio.TimeoutError,
+        ) as exc:
             logger.debug(
                 "closing a connection of generation %d failed: %s", gen.number, type(exc).__name__
             )
+        finally:
+            self._leave(gen)
 
     def _leave(self, gen: _Generation) -> None:
         gen.users -= 1
@@ -731,8 +771,23 @@ class _AcquireContext:
     async def __aenter__(self) -> PoolConnectionProxy:
         if self._con is not None or self._done:
             raise asyncpg.InterfaceError("a connection is already acquired")
-        self._con = await self._pool._acquire(self._timeout)
-        return self._con
+        pool = self._pool
+        # HotPool._checkout inlined: this is the hottest path, and a frame is measurable.
+        gen = pool._current
+        if gen is not None:
+            gen.users += 1
+            try:
+                con = await gen.acquire(self._timeout)
+            except BaseException as exc:
+                pool._leave(gen)
+                if not pool._moved_on(gen, exc):
+                    raise
+                con, gen = await pool._checkout_again(self._timeout)
+        else:
+            con, gen = await pool._checkout_again(self._timeout)
+        pool._owners[con] = gen
+        self._con = con
+        return con
 
     async def __aexit__(
         self,
@@ -742,8 +797,14 @@ class _AcquireContext:
     ) -> None:
         self._done = True
         con, self._con = self._con, None
-        if con is not None:
-            await self._pool.release(con)
+        if con is None:
+            return
+        pool = self._pool
+        gen = pool._owners.pop(con, None)
+        if gen is None:  # released inside the block already
+            await pool.release(con)
+        else:
+            await pool._checkin(con, gen, None)
 
     def __await__(self) -> Generator[Any, None, PoolConnectionProxy]:
         self._done = True
