@@ -1,0 +1,42 @@
+"""Developer tasks: ``nox`` runs lint, typing and tests; ``nox -s tests -- -k swap`` passes
+arguments on to pytest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typing", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+# The project's Python; where there is no python3.11, the one running nox (--force-python
+# chooses another).
+PYTHON = "3.11" if shutil.which("python3.11") else None
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typing(session: nox.Session) -> None:
+    """mypy --strict over the files pyproject.toml names."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typing"))
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """pytest over tests/ and integration_tests/ (which start their own PostgreSQL servers)."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    # With arguments, pytest runs what they name, or its testpaths (the same two) if they
+    # name no files: `nox -s tests -- -x` and `nox -s tests -- tests/test_url.py` both work.
+    paths = [p for p in ("tests", "integration_tests") if Path(p).is_dir()]
+    session.run("pytest", *(session.posargs or paths))
