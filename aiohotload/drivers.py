@@ -12,6 +12,7 @@ import asyncpg
 from asyncpg import connect_utils
 
 from ._registry import Registry
+from .dsn import is_key_value, key_value_to_url
 from .errors import RegistryError, UnknownDriverError
 
 __all__ = [
@@ -36,7 +37,12 @@ class Driver(Protocol):
 
 
 async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
-    """Open an :class:`asyncpg.Pool` on *dsn* with *pool_kwargs*."""
+    """Open an :class:`asyncpg.Pool` on *dsn* with *pool_kwargs*.
+
+    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first.
+    """
+    if is_key_value(dsn):
+        dsn = key_value_to_url(dsn)
     return await asyncpg.create_pool(dsn, **pool_kwargs)
 
 

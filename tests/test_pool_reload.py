@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -12,6 +12,15 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait for *condition* to hold, polling, with a deadline."""
+    with anyio.fail_after(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.001)
 
 
 class FakePool:
@@ -112,7 +121,7 @@ async def test_swap_retires_old_pool(driver: FakeDriver, strategy: QueueStrategy
     await strategy.queue.put("postgresql://b")
     assert await pool.wait_for_swap(timeout=5) == 1
     assert pool.target == "postgresql://b"
-    await pool.wait_until(lambda p: p.draining == 0, timeout=5)
+    await until(lambda: pool.draining == 0)
     assert driver.opened[0].closed
     await pool.close()
     assert driver.opened[1].closed
@@ -122,9 +131,7 @@ async def test_force_kill_terminates_old_pool(driver: FakeDriver, strategy: Queu
     pool = await open_pool(strategy, "postgresql://a", "queue://fake/x?forceKill=1")
     await strategy.queue.put("postgresql://b")
     await pool.wait_for_swap(timeout=5)
-    with anyio.fail_after(5):
-        while not driver.opened[0].terminated:
-            await asyncio.sleep(0.001)
+    await until(lambda: driver.opened[0].terminated)
     assert not driver.opened[0].closed
     await pool.close()
 
@@ -134,9 +141,7 @@ async def test_newer_dsn_supersedes_a_pending_attempt(
 ) -> None:
     pool = await open_pool(strategy, "postgresql://a")
     await strategy.queue.put("slow://never")
-    with anyio.fail_after(5):
-        while "slow://never" not in driver.attempts:
-            await asyncio.sleep(0.001)
+    await until(lambda: "slow://never" in driver.attempts)
     await strategy.queue.put("postgresql://c")
     assert await pool.wait_for_swap(timeout=5) == 1
     assert pool.target == "postgresql://c"
@@ -162,15 +167,11 @@ async def test_bad_dsn_records_error_and_reverting_clears_it(
 ) -> None:
     pool = await open_pool(strategy, "postgresql://a")
     await strategy.queue.put("bad://x")
-    with anyio.fail_after(5):
-        while pool.last_error is None:
-            await asyncio.sleep(0.001)
+    await until(lambda: pool.last_error is not None)
     assert isinstance(pool.last_error, aiohotload.DriverError)
     assert pool.generation == 0
     await strategy.queue.put("postgresql://a")
-    with anyio.fail_after(5):
-        while pool.last_error is not None:
-            await asyncio.sleep(0.001)
+    await until(lambda: pool.last_error is None)
     assert pool.generation == 0
     await pool.close()
 
@@ -181,9 +182,7 @@ async def test_strategy_failure_after_start_restarts_it(
     caplog.set_level(logging.WARNING, "aiohotload")
     pool = await open_pool(strategy, "postgresql://a")
     await strategy.queue.put(RuntimeError("watcher died"))
-    with anyio.fail_after(5):
-        while strategy.started < 2:
-            await asyncio.sleep(0.001)
+    await until(lambda: strategy.started >= 2)
     assert any("watcher died" in r.getMessage() for r in caplog.records)
     await strategy.queue.put("postgresql://b")
     assert await pool.wait_for_swap(timeout=5) == 1
@@ -223,9 +222,7 @@ async def test_close_leaves_no_tasks(driver: FakeDriver, strategy: QueueStrategy
     before = asyncio.all_tasks()
     pool = await open_pool(strategy, "postgresql://a")
     await strategy.queue.put("slow://pending")  # an attempt in flight at close
-    with anyio.fail_after(5):
-        while "slow://pending" not in driver.attempts:
-            await asyncio.sleep(0.001)
+    await until(lambda: "slow://pending" in driver.attempts)
     await pool.close()
     await pool.close()
     await asyncio.sleep(0)
