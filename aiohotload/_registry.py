@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
 from .errors import RegistryError
 
 T = TypeVar("T")
+
+logger = logging.getLogger("aiohotload")
 
 
 class Registry(Generic[T]):
@@ -29,6 +32,8 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._entry_points_loaded = False
         self._lock = threading.Lock()
+        # Reentrant: a plugin's import may itself look a name up.
+        self._load_lock = threading.RLock()
 
     def register(self, name: str, item: object, *, replace: bool = False) -> None:
         key = self._check_name(name)
@@ -39,11 +44,13 @@ class Registry(Generic[T]):
             self._items[key] = value
 
     def unregister(self, name: str) -> None:
+        if not isinstance(name, str):
+            return
         with self._lock:
             self._items.pop(name.lower(), None)
 
     def get(self, name: str) -> T:
-        key = name.lower()
+        key = name.lower() if isinstance(name, str) else ""
         item = self._items.get(key)
         if item is None:
             self._load_entry_points()
@@ -60,27 +67,38 @@ class Registry(Generic[T]):
     def _check_name(self, name: str) -> str:
         if not isinstance(name, str) or not name.strip():
             raise RegistryError(f"{self._kind} name must be a non-empty string, got {name!r}")
-        if name != name.strip() or any(c in name for c in ":/?#&= "):
+        # A name is a URL's scheme or host: characters that end or escape those are out.
+        if any(c.isspace() or c in ":/?#&=@%" for c in name):
             raise RegistryError(f"{self._kind} name {name!r} has characters a URL cannot carry")
         return name.lower()
 
     def _load_entry_points(self) -> None:
-        if self._entry_points_loaded:
-            return
-        self._entry_points_loaded = True
-        for ep in entry_points(group=self._group):
-            key = ep.name.lower()
-            if key in self._items:
-                continue
-            try:
-                loaded = ep.load()
-                if isinstance(loaded, type):
-                    loaded = loaded()
-                self.register(key, loaded)
-            except Exception as exc:  # a broken plugin must not break unrelated URLs
-                import logging
+        # Held throughout, so a second thread waits for the plugins instead of missing them.
+        with self._load_lock:
+            if self._entry_points_loaded:
+                return
+            self._entry_points_loaded = True
+            for ep in entry_points(group=self._group):
+                self._load_entry_point(ep)
 
-                logging.getLogger("aiohotload").warning(
-                    "could not load %s plugin %r from entry point %s: %s",
-                    self._kind, ep.name, ep.value, exc,
-                )
+    def _load_entry_point(self, ep: EntryPoint) -> None:
+        key = ep.name.lower()
+        if key in self._items:
+            return
+        try:
+            loaded = ep.load()
+            if isinstance(loaded, type):
+                loaded = loaded()
+            self.register(key, loaded)
+        except Exception as exc:  # a broken plugin must not break unrelated URLs
+            logger.warning(
+                "could not load %s plugin %r from entry point %s: %s",
+                self._kind,
+                ep.name,
+                ep.value,
+                exc,
+            )
+
+    def _reset_entry_points(self) -> None:
+        """Look at entry points again on the next miss (for tests that install plugins)."""
+        self._entry_points_loaded = False

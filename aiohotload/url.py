@@ -29,7 +29,9 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 _TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
 _FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
-_DURATION = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>ms|s|m|h)?\s*$"
+)
 _UNIT = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 # Option names whose values must not be shown (a strategy's own credentials).
 _SECRET_OPTION = re.compile(r"pass|secret|token|key", re.IGNORECASE)
@@ -54,13 +56,16 @@ class HotloadURL:
     strategy: str
     driver: str
     path: str
-    options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # A mapping is not hashable; equal URLs still hash equal without it.
+    options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     force_kill: bool = False
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def __repr__(self) -> str:
-        shown = {k: ("********" if _SECRET_OPTION.search(k) else v) for k, v in self.options.items()}
+        shown = {
+            k: ("********" if _SECRET_OPTION.search(k) else v) for k, v in self.options.items()
+        }
         return (
             f"HotloadURL(strategy={self.strategy!r}, driver={self.driver!r}, path={self.path!r}, "
             f"options={shown!r}, force_kill={self.force_kill!r}, "
@@ -79,7 +84,8 @@ def parse_url(url: str) -> HotloadURL:
             "hotload URL must look like '<strategy>://<driver>/<path>?<options>', "
             f"e.g. 'watchfiles://postgres/etc/app/dsn.txt'; got {_shorten(url)!r}"
         )
-    if not _SCHEME.match(scheme):
+    # fullmatch, not match: '$' would let a trailing newline through.
+    if not _SCHEME.fullmatch(scheme):
         raise InvalidURLError(f"invalid strategy name {_shorten(scheme)!r} in hotload URL")
     rest, _, _fragment = rest.partition("#")
     location, _, query = rest.partition("?")
@@ -89,13 +95,16 @@ def parse_url(url: str) -> HotloadURL:
             "hotload URL names no driver: expected '<strategy>://<driver>/<path>', "
             f"e.g. '{scheme}://postgres/...'"
         )
-    if not _NAME.match(driver):
+    if not _NAME.fullmatch(driver):
         raise InvalidURLError(f"invalid driver name {_shorten(driver)!r} in hotload URL")
-    path = unquote(slash + raw_path, errors="strict") if raw_path else ""
-    if not path or path == "/":
+    try:
+        path = unquote(slash + raw_path, errors="strict") if raw_path else ""
+    except UnicodeDecodeError as exc:
         raise InvalidURLError(
-            f"hotload URL names no path: expected '{scheme}://{driver}/<path>'"
-        )
+            f"hotload URL path {_shorten(raw_path)!r} is not valid UTF-8 once percent-decoded"
+        ) from exc
+    if not path or path == "/":
+        raise InvalidURLError(f"hotload URL names no path: expected '{scheme}://{driver}/<path>'")
     if "\x00" in path:
         raise InvalidURLError("hotload URL path contains a NUL character")
 

@@ -8,6 +8,7 @@ value is a change. A strategy validates its options before yielding anything and
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -40,9 +41,12 @@ class _FunctionStrategy:
 
 
 def _coerce(item: object) -> Strategy:
+    if isinstance(item, type):
+        # A class (as entry points often name): its instance is the strategy.
+        item = item()
     if isinstance(item, Strategy):
         return item
-    if callable(item):
+    if inspect.isasyncgenfunction(item):
         return _FunctionStrategy(item)
     raise RegistryError(
         f"a strategy must have a watch(path, options) method or be an async generator "
