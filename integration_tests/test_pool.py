@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -47,7 +47,7 @@ def dsn_file(tmp_path: Path) -> Path:
 @pytest.fixture
 async def user_ab(
     pg_a: PgServer, pg_b: PgServer, role: RoleFactory
-) -> AsyncIterator[tuple[str, str]]:
+) -> tuple[str, str]:
     """One role with the same name and password on both servers."""
     name, password = await role(pg_a)
     await role(pg_b, name=name, password=password)
@@ -213,7 +213,7 @@ async def test_force_kill_stops_server_query(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file, forceKill="true"), max_size=4) as pool:
+    async with aiohotload.create_pool(url_for(dsn_file, forceKill="true"), min_size=1, max_size=4) as pool:
         slow = asyncio.ensure_future(pool.fetchval("SELECT pg_sleep(60)"))
         await wait_for(
             lambda: pg_a.backends(usename=user),
@@ -283,9 +283,9 @@ async def test_no_failed_queries_across_many_swaps(
         tasks = [asyncio.ensure_future(worker(pool, n)) for n in range(36)]
         for i in range(1, 31):
             write_dsn(dsn_file, targets[i % len(targets)])
-            await pool.wait_until(lambda p, i=i: p.generation == i, timeout=10)
-            before = done
-            await wait_for(lambda before=before: done, lambda d, b=before: d > b + 20, timeout=10)
+            assert await pool.wait_for_swap(timeout=10) == i
+            target = done + 20
+            await wait_for(lambda target=target: done >= target, timeout=10)
         stop.set()
         await asyncio.gather(*tasks)
     assert failures == []
