@@ -40,3 +40,10 @@ def tests(session: nox.Session) -> None:
     # name no files: `nox -s tests -- -x` and `nox -s tests -- tests/test_url.py` both work.
     paths = [p for p in ("tests", "integration_tests") if Path(p).is_dir()]
     session.run("pytest", *(session.posargs or paths))
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against a bare asyncpg pool (not run by default): benchmarks/run.py."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.run("python", "benchmarks/run.py", *session.posargs)

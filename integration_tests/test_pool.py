@@ -213,7 +213,8 @@ async def test_force_kill_stops_server_query(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file, forceKill="true"), min_size=1, max_size=4) as pool:
+    url = url_for(dsn_file, forceKill="true")
+    async with aiohotload.create_pool(url, min_size=1, max_size=4) as pool:
         slow = asyncio.ensure_future(pool.fetchval("SELECT pg_sleep(60)"))
         await wait_for(
             lambda: pg_a.backends(usename=user),
