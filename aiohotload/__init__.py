@@ -14,7 +14,8 @@ from .errors import (
     UnknownDriverError,
     UnknownStrategyError,
 )
-from .pool import HotPool, create_pool
+from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted, SwapDone
+from .pool import EventStream, HotPool, create_pool
 from .redact import redact_dsn
 from .strategies import Strategy, register_strategy, unregister_strategy
 from .url import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, HotloadURL, parse_url
@@ -24,15 +25,22 @@ __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
     "Driver",
     "DriverError",
+    "Event",
+    "EventStream",
+    "ForceKillDone",
     "HotPool",
     "HotloadError",
     "HotloadURL",
     "InvalidOptionError",
     "InvalidURLError",
+    "PoolDrained",
     "RegistryError",
+    "ReloadFailed",
+    "ReloadStarted",
     "SourceError",
     "Strategy",
     "StrategyError",
+    "SwapDone",
     "UnknownDriverError",
     "UnknownStrategyError",
     "create_pool",

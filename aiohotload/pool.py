@@ -10,6 +10,9 @@ one, which is then drained (graceful) or terminated (``force_kill``) by ``_drain
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import inspect
 import logging
 import random
 import time
@@ -24,6 +27,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from .drivers import Driver, cancel_in_flight, get_driver
 from .errors import DriverError, HotloadError, StrategyError
+from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted, SwapDone
 from .redact import redact_dsn, redact_text, secrets_of
 from .strategies import Strategy, get_strategy
 from .url import HotloadURL, parse_url
@@ -80,11 +84,14 @@ class HotPool:
     :meth:`wait_for_swap` show the reloads.
     """
 
-    def __init__(self, url: str, **pool_kwargs: Any) -> None:
+    def __init__(self, url: str, *, name: str | None = None, **pool_kwargs: Any) -> None:
+        """See :func:`create_pool`."""
         self._url: HotloadURL = parse_url(url)
         self._strategy: Strategy = get_strategy(self._url.strategy)
         self._driver: Driver = get_driver(self._url.driver)
         self._pool_kwargs = pool_kwargs
+        self._name = name if name is not None else self._url.path
+        self._listeners: list[Callable[[Event], object]] = []
 
         self._current: _Generation | None = None
         self._retired: set[_Generation] = set()
@@ -106,6 +113,8 @@ class HotPool:
         self._initializing = False
         self._closing = False
         self._closed = False
+        self._stray: set[asyncio.Task[None]] = set()
+        self._event_waiters: set[asyncio.Event] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,6 +227,8 @@ class HotPool:
 
     def _finish_close(self) -> None:
         self._closed = True
+        for waiter in self._event_waiters:
+            waiter.set()  # lets events() iterators end
         self._current = None
         self._retired.clear()
         self._owners.clear()
@@ -319,6 +330,14 @@ class HotPool:
                 if dsn == self._current.dsn:
                     self._last_error = None
                     break
+                self._emit(
+                    ReloadStarted(
+                        self._name,
+                        target=redact_dsn(dsn),
+                        attempt=failures + 1,
+                        generation=self._current.number,
+                    )
+                )
                 try:
                     opened = await self._open_unless_superseded(dsn)
                 except Exception as exc:
@@ -326,6 +345,16 @@ class HotPool:
                     delay = _retry_delay(failures)
                     error = _reload_error(exc, dsn)
                     self._last_error = error
+                    self._emit(
+                        ReloadFailed(
+                            self._name,
+                            target=redact_dsn(dsn),
+                            error=str(error),
+                            attempt=failures,
+                            retry_in=delay,
+                            generation=self._current.number,
+                        )
+                    )
                     logger.warning(
                         "reload failed (attempt %d): %s; still serving generation %d (%s); "
                         "retrying in %.1fs",
@@ -403,6 +432,16 @@ class HotPool:
             opened_in * 1000,
             "terminated" if self._url.force_kill else "draining",
         )
+        self._emit(
+            SwapDone(
+                self._name,
+                old_generation=old.number,
+                new_generation=new.number,
+                old_target=old.target,
+                new_target=new.target,
+                open_seconds=opened_in,
+            )
+        )
         self._retire(old, force=self._url.force_kill)
         waiter = self._next_swap
         self._next_swap = asyncio.get_running_loop().create_future()
@@ -453,13 +492,79 @@ class HotPool:
             gen.pool.terminate()
         finally:
             self._retired.discard(gen)
+        seconds = time.perf_counter() - started
         logger.info(
             "generation %d (%s) %s in %.0f ms",
             gen.number,
             gen.target,
             "terminated" if force else "drained",
-            (time.perf_counter() - started) * 1000,
+            seconds * 1000,
         )
+        if force:
+            self._emit(
+                ForceKillDone(
+                    self._name, generation=gen.number, target=gen.target, cancelled=terminated
+                )
+            )
+        else:
+            self._emit(
+                PoolDrained(
+                    self._name,
+                    generation=gen.number,
+                    target=gen.target,
+                    seconds=seconds,
+                    terminated=terminated,
+                )
+            )
+
+    # ------------------------------------------------------------------ events
+
+    @property
+    def name(self) -> str:
+        """The name events and metrics carry (``create_pool(..., name=...)``; default: the
+        URL's path)."""
+        return self._name
+
+    def add_listener(self, callback: Callable[[Event], object]) -> None:
+        """Call *callback(event)* for each reload event; an ``async def`` callback is run as a
+        task. A listener's error is logged and never affects the pool."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[Event], object]) -> None:
+        """Stop calling *callback*; no error if it was not added."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def events(self, *, max_queued: int = 1000) -> EventStream:
+        """Iterate over reload events from this call on, until the pool closes
+        (``async for event in pool.events(): ...``).
+
+        A consumer that falls more than *max_queued* events behind loses the oldest ones.
+        """
+        return EventStream(self, max_queued)
+
+    def _emit(self, event: Event) -> None:
+        for callback in list(self._listeners):
+            try:
+                result = callback(event)
+                if inspect.isawaitable(result):
+                    self._spawn(result)
+            except Exception:
+                logger.exception("aiohotload event listener %r failed", callback)
+
+    def _spawn(self, awaitable: Awaitable[object]) -> None:
+        async def run() -> None:
+            try:
+                await awaitable
+            except Exception:
+                logger.exception("aiohotload event listener failed")
+
+        if self._tg is not None:
+            self._tg.start_soon(run)
+        else:
+            task = asyncio.ensure_future(run())
+            self._stray.add(task)
+            task.add_done_callback(self._stray.discard)
 
     # ------------------------------------------------------------------ hot path
 
@@ -757,6 +862,39 @@ class HotPool:
         )
 
 
+class EventStream:
+    """What :meth:`HotPool.events` returns: an async iterator of :data:`Event`, subscribed
+    from its creation; ``aclose()`` (or leaving the loop early) unsubscribes."""
+
+    def __init__(self, pool: HotPool, max_queued: int) -> None:
+        self._pool = pool
+        self._queue: collections.deque[Event] = collections.deque(maxlen=max_queued)
+        self._ready = asyncio.Event()
+        pool.add_listener(self._push)
+        pool._event_waiters.add(self._ready)
+
+    def _push(self, event: Event) -> None:
+        self._queue.append(event)
+        self._ready.set()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self._pool._closed:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    async def aclose(self) -> None:
+        """Unsubscribe."""
+        self._pool.remove_listener(self._push)
+        self._pool._event_waiters.discard(self._ready)
+
+
 class _AcquireContext:
     """What :meth:`HotPool.acquire` returns: awaitable, or an async context manager."""
 
@@ -811,16 +949,17 @@ class _AcquireContext:
         return self._pool._acquire(self._timeout).__await__()
 
 
-def create_pool(url: str, **pool_kwargs: Any) -> HotPool:
+def create_pool(url: str, *, name: str | None = None, **pool_kwargs: Any) -> HotPool:
     """Create a :class:`HotPool` from a hotload URL; ``await`` it or use ``async with``.
 
     *url* is ``<strategy>://<driver>/<path>?<options>``, e.g.
     ``watchfiles://postgres/etc/app/dsn.txt?drain_timeout=10``. *pool_kwargs* go to the driver
     for every inner pool (``min_size``, ``max_size``, ``init``, ``setup``, ...). A malformed URL
     or unknown strategy/driver raises here; a bad option, a missing source or an unreachable
-    first DSN raises when awaited.
+    first DSN raises when awaited. *name* labels the pool's events and metrics (default: the
+    URL's path).
     """
-    return HotPool(url, **pool_kwargs)
+    return HotPool(url, name=name, **pool_kwargs)
 
 
 def _retry_delay(failures: int) -> float:
