@@ -45,9 +45,7 @@ def dsn_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def user_ab(
-    pg_a: PgServer, pg_b: PgServer, role: RoleFactory
-) -> tuple[str, str]:
+async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[str, str]:
     """One role with the same name and password on both servers."""
     name, password = await role(pg_a)
     await role(pg_b, name=name, password=password)
