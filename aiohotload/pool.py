@@ -627,6 +627,7 @@ class HotPool:
             await gen.pool.release(con, timeout=_RELEASE_TIMEOUT if timeout is None else timeout)
         except (
             asyncpg.InterfaceError,
+            asyncpg.InternalClientError,  # the old pool was terminated mid-release
             asyncpg.PostgresError,
             OSError,
             asyncio.TimeoutError,
