@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +25,10 @@ def write_dsn(path: Path, dsn: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(dsn)
     os.replace(tmp, path)
+
+
+def generation_is(number: int) -> Callable[[HotPool], bool]:
+    return lambda pool: pool.generation == number
 
 
 async def churn(pool: HotPool, rng: random.Random) -> None:
@@ -84,7 +89,7 @@ async def test_random_cancellation_during_swaps_leaks_nothing(
             await asyncio.sleep(rng.random() / 200)
             task.cancel()
         await asyncio.gather(*callers, return_exceptions=True)
-        await pool.wait_until(lambda p, r=round_: p.generation == r + 1, timeout=10)
+        await pool.wait_until(generation_is(round_ + 1), timeout=10)
 
     assert unexpected == []
     assert completed > 0
