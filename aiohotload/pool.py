@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import asyncpg
@@ -35,6 +35,8 @@ from .url import HotloadURL, parse_url
 __all__ = ["HotPool", "create_pool"]
 
 logger = logging.getLogger("aiohotload")
+
+CopyFormat = Literal["text", "csv", "binary"]
 
 # Retry delays after a failed reload: doubling from the first, capped, with jitter.
 _RETRY_FIRST = 0.25
@@ -741,35 +743,156 @@ class HotPool:
         finally:
             await self._checkin(con, gen, None)
 
-    async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
-        """Copy a table's contents out; see :meth:`asyncpg.Connection.copy_from_table`."""
+    async def copy_from_table(
+        self,
+        table_name: str,
+        *,
+        output: Any,
+        columns: Iterable[str] | None = None,
+        schema_name: str | None = None,
+        timeout: float | None = None,
+        format: CopyFormat | None = None,
+        oids: int | None = None,
+        delimiter: str | None = None,
+        null: str | None = None,
+        header: bool | None = None,
+        quote: str | None = None,
+        escape: str | None = None,
+        force_quote: bool | Iterable[str] | None = None,
+        encoding: str | None = None,
+    ) -> str:
+        """Copy a table's contents to *output*; see :meth:`asyncpg.Connection.copy_from_table`."""
         con, gen = await self._checkout(None)
         try:
-            return await con.copy_from_table(table_name, **kwargs)
+            result: str = await con.copy_from_table(
+                table_name,
+                output=output,
+                columns=columns,
+                schema_name=schema_name,
+                timeout=timeout,
+                format=format,
+                oids=oids,
+                delimiter=delimiter,
+                null=null,
+                header=header,
+                quote=quote,
+                escape=escape,
+                force_quote=force_quote,
+                encoding=encoding,
+            )
+            return result
         finally:
             await self._checkin(con, gen, None)
 
-    async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
-        """Copy a query's results out; see :meth:`asyncpg.Connection.copy_from_query`."""
+    async def copy_from_query(
+        self,
+        query: str,
+        *args: Any,
+        output: Any,
+        timeout: float | None = None,
+        format: CopyFormat | None = None,
+        oids: int | None = None,
+        delimiter: str | None = None,
+        null: str | None = None,
+        header: bool | None = None,
+        quote: str | None = None,
+        escape: str | None = None,
+        force_quote: bool | Iterable[str] | None = None,
+        encoding: str | None = None,
+    ) -> str:
+        """Copy a query's results to *output*; see :meth:`asyncpg.Connection.copy_from_query`."""
         con, gen = await self._checkout(None)
         try:
-            return await con.copy_from_query(query, *args, **kwargs)
+            result: str = await con.copy_from_query(
+                query,
+                *args,
+                output=output,
+                timeout=timeout,
+                format=format,
+                oids=oids,
+                delimiter=delimiter,
+                null=null,
+                header=header,
+                quote=quote,
+                escape=escape,
+                force_quote=force_quote,
+                encoding=encoding,
+            )
+            return result
         finally:
             await self._checkin(con, gen, None)
 
-    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
-        """Copy data into a table; see :meth:`asyncpg.Connection.copy_to_table`."""
+    async def copy_to_table(
+        self,
+        table_name: str,
+        *,
+        source: Any,
+        columns: Iterable[str] | None = None,
+        schema_name: str | None = None,
+        timeout: float | None = None,
+        format: CopyFormat | None = None,
+        oids: int | None = None,
+        freeze: bool | None = None,
+        delimiter: str | None = None,
+        null: str | None = None,
+        header: bool | None = None,
+        quote: str | None = None,
+        escape: str | None = None,
+        force_quote: bool | Iterable[str] | None = None,
+        force_not_null: bool | Iterable[str] | None = None,
+        force_null: bool | Iterable[str] | None = None,
+        encoding: str | None = None,
+        where: str | None = None,
+    ) -> str:
+        """Copy data from *source* into a table; see :meth:`asyncpg.Connection.copy_to_table`."""
         con, gen = await self._checkout(None)
         try:
-            return await con.copy_to_table(table_name, **kwargs)
+            result: str = await con.copy_to_table(
+                table_name,
+                source=source,
+                columns=columns,
+                schema_name=schema_name,
+                timeout=timeout,
+                format=format,
+                oids=oids,
+                freeze=freeze,
+                delimiter=delimiter,
+                null=null,
+                header=header,
+                quote=quote,
+                escape=escape,
+                force_quote=force_quote,
+                force_not_null=force_not_null,
+                force_null=force_null,
+                encoding=encoding,
+                where=where,
+            )
+            return result
         finally:
             await self._checkin(con, gen, None)
 
-    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
-        """Copy records into a table; see :meth:`asyncpg.Connection.copy_records_to_table`."""
+    async def copy_records_to_table(
+        self,
+        table_name: str,
+        *,
+        records: Any,
+        columns: Iterable[str] | None = None,
+        schema_name: str | None = None,
+        timeout: float | None = None,
+        where: str | None = None,
+    ) -> str:
+        """Copy *records* into a table; see :meth:`asyncpg.Connection.copy_records_to_table`."""
         con, gen = await self._checkout(None)
         try:
-            return await con.copy_records_to_table(table_name, **kwargs)
+            result: str = await con.copy_records_to_table(
+                table_name,
+                records=records,
+                columns=columns,
+                schema_name=schema_name,
+                timeout=timeout,
+                where=where,
+            )
+            return result
         finally:
             await self._checkin(con, gen, None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -402,3 +403,34 @@ async def test_bad_input_fails_fast_with_clear_errors(dsn_file: Path) -> None:
         aiohotload.create_pool(url_for(dsn_file, drain_timeout="soon"))
     with pytest.raises(aiohotload.DriverError, match=r"127\.0\.0\.1"):
         await asyncio.wait_for(aiohotload.create_pool(url_for(dsn_file)), timeout=15)
+
+
+async def test_copy_and_executemany_follow_the_swap(
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+) -> None:
+    user, password = user_ab
+    table = f"c_{user}"
+    for server in (pg_a, pg_b):
+        await server.execute(f'CREATE TABLE "{table}" (id int, name text)')
+        await server.execute(f'GRANT ALL ON "{table}" TO "{user}"')
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    try:
+        async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+            await pool.copy_records_to_table(table, records=[(1, "a"), (2, "b")])
+            write_dsn(dsn_file, pg_b.dsn(user, password))
+            await pool.wait_for_swap(timeout=10)
+            await pool.executemany(f'INSERT INTO "{table}" VALUES ($1, $2)', [(3, "c")])
+            buf = io.BytesIO(b"4\td\n")
+            await pool.copy_to_table(table, source=buf)
+            out = io.BytesIO()
+            await pool.copy_from_query(f'SELECT id FROM "{table}" ORDER BY id', output=out)
+            assert out.getvalue() == b"3\n4\n"
+            out = io.BytesIO()
+            await pool.copy_from_table(table, output=out, columns=["name"], format="csv")
+            assert sorted(out.getvalue().split()) == [b"c", b"d"]
+            rows = await pool.fetchmany(f'SELECT $1::int FROM "{table}" LIMIT 1', [(5,), (6,)])
+            assert [r[0] for r in rows] == [5, 6]
+        assert await pg_a.fetchval(f'SELECT count(*) FROM "{table}"') == 2
+    finally:
+        for server in (pg_a, pg_b):
+            await server.execute(f'DROP TABLE "{table}"')
