@@ -274,6 +274,8 @@ class HotPool:
                 iterator = self._strategy.watch(self._url.path, self._url.options)
                 try:
                     async for dsn in iterator:
+                        if failures and isinstance(self._last_error, StrategyError):
+                            self._last_error = None  # the restarted strategy works again
                         failures = 0
                         self._offer(dsn)
                 finally:

@@ -184,6 +184,9 @@ async def test_strategy_failure_after_start_restarts_it(
     await strategy.queue.put(RuntimeError("watcher died"))
     await until(lambda: strategy.started >= 2)
     assert any("watcher died" in r.getMessage() for r in caplog.records)
+    assert isinstance(pool.last_error, aiohotload.StrategyError)
+    await strategy.queue.put("postgresql://a")  # the restarted strategy yields again
+    await until(lambda: pool.last_error is None)
     await strategy.queue.put("postgresql://b")
     assert await pool.wait_for_swap(timeout=5) == 1
     await pool.close()
