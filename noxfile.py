@@ -15,6 +15,8 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 # The project's Python; where there is no python3.11, the one running nox (--force-python
 # chooses another).
 PYTHON = "3.11" if shutil.which("python3.11") else None
+# The project with every optional integration, so all of it is type-checked and tested.
+PROJECT = ".[" + ",".join(PYPROJECT["project"]["optional-dependencies"]) + "]"
 
 
 @nox.session(python=PYTHON)
@@ -28,14 +30,14 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typing(session: nox.Session) -> None:
     """mypy --strict over the files pyproject.toml names."""
-    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typing"))
+    session.install("-e", PROJECT, *nox.project.dependency_groups(PYPROJECT, "typing"))
     session.run("mypy")
 
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """pytest over tests/ and integration_tests/ (which start their own PostgreSQL servers)."""
-    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install("-e", PROJECT, *nox.project.dependency_groups(PYPROJECT, "test"))
     # With arguments, pytest runs what they name, or its testpaths (the same two) if they
     # name no files: `nox -s tests -- -x` and `nox -s tests -- tests/test_url.py` both work.
     paths = [p for p in ("tests", "integration_tests") if Path(p).is_dir()]
