@@ -680,6 +680,8 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             return await con.execute(query, *args, timeout=timeout)
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -690,6 +692,8 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             await con.executemany(command, args, timeout=timeout)
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -703,6 +707,8 @@ class HotPool:
                 query, *args, timeout=timeout, record_class=record_class
             )
             return rows
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -713,6 +719,8 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             return await con.fetchval(query, *args, column=column, timeout=timeout)
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -723,6 +731,8 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -742,6 +752,8 @@ class HotPool:
                 query, args, timeout=timeout, record_class=record_class
             )
             return rows
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -783,6 +795,8 @@ class HotPool:
                 encoding=encoding,
             )
             return result
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -821,6 +835,8 @@ class HotPool:
                 encoding=encoding,
             )
             return result
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -870,6 +886,8 @@ class HotPool:
                 where=where,
             )
             return result
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -895,6 +913,8 @@ class HotPool:
                 where=where,
             )
             return result
+        except AttributeError as exc:
+            raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
 
@@ -1086,6 +1106,18 @@ def create_pool(url: str, *, name: str | None = None, **pool_kwargs: Any) -> Hot
     URL's path).
     """
     return HotPool(url, name=name, **pool_kwargs)
+
+
+def _terminated_mid_query(con: PoolConnectionProxy, exc: AttributeError) -> BaseException:
+    """asyncpg raises ``AttributeError: 'NoneType' object has no attribute ...`` when a
+    connection is terminated (force kill, drain timeout) while a query on it is starting;
+    report that as the connection error it is."""
+    raw = getattr(con, "_con", None)
+    if raw is None or raw.is_closed():
+        return asyncpg.ConnectionDoesNotExistError(
+            "connection was closed in the middle of operation"
+        )
+    return exc
 
 
 def _retry_delay(failures: int) -> float:
