@@ -2,37 +2,36 @@
 
 The parent directory is watched rather than the file, so atomic renames (editors, config
 tools) and Kubernetes Secret volumes (a ``..data`` symlink swapped over a new timestamped
-directory) are seen as well as in-place writes.
+directory) are seen as well as in-place writes. The watching itself is shared by every file
+on the event loop (see ``_watch_hub``), so many pools cost one watcher thread, not one each.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
 import stat
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 
 import anyio
-from watchfiles import Change, awatch
 
 from ..errors import InvalidOptionError, InvalidURLError, SourceError
 from ..url import _shorten, parse_bool
+from ._watch_hub import Changes, UnwatchableError, WatchSettings, subscribe
+from ._watch_hub import error_reason as _reason
 
 __all__ = ["WatchfilesStrategy"]
 
 logger = logging.getLogger(__name__)
 
-_Changes = set[tuple[Change, str]]
-
 # Upper bound of every millisecond option, so nothing overflows watchfiles' u64 maths.
 _MAX_MS = 86_400_000
 # A DSN is short; the cap stops a path pointed at a huge file from filling memory.
 _MAX_BYTES = 64 * 1024
-# Bounds the cleanup when the consumer stops; closing normally takes about one `step`.
+# Bounds the cleanup when the consumer stops; closing takes at most about one `step`.
 _CLOSE_TIMEOUT = 5.0
 _MS = re.compile(r"\s*([0-9]+)\s*")
 _INT_OPTIONS = {"debounce": 1, "step": 1, "poll_delay": 1, "recheck": 0}  # name -> minimum
@@ -56,6 +55,11 @@ class _Options:
             # most quick writes; re-reading a small file each poll costs about as much as a stat.
             return min(self.poll_delay, self.recheck or self.poll_delay)
         return self.recheck
+
+    @property
+    def watcher(self) -> WatchSettings:
+        """The options the shared watcher needs; ``recheck`` is each subscriber's own."""
+        return WatchSettings(self.debounce, self.step, self.polling, self.poll_delay)
 
 
 class WatchfilesStrategy:
@@ -86,34 +90,28 @@ class WatchfilesStrategy:
         _check_directory(path, os.path.dirname(path))
         layout = _Layout.of(path)
         try:
-            watcher = await _DirWatch.start(layout.dirs, opts)
-        except (OSError, RuntimeError) as exc:
+            sub = await subscribe(layout, opts.watcher)
+        except UnwatchableError as exc:
             raise SourceError(
-                f"cannot watch directory {layout.parent!r} of DSN file {path!r}: {_reason(exc)}"
+                f"cannot watch directory {layout.parent!r} of DSN file {path!r}: {exc.reason}"
             ) from None
         try:
-            # Read only now that the watcher is installed, so no change can slip in between.
+            # Read only now that the directories are watched, so no change can slip in between.
             try:
                 current = _read(path)
             except _UnreadableError as exc:
                 raise SourceError(f"DSN file {path!r} {exc.reason}") from None
             last_read = time.monotonic()
-            logger.debug("watching DSN file %s (directories: %s)", path, ", ".join(watcher.dirs))
+            logger.debug("watching DSN file %s (directories: %s)", path, ", ".join(layout.dirs))
             yield current
 
             while True:
-                changes = await watcher.next()
-                if changes and logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("changes seen: %s", ", ".join(sorted(p for _, p in changes)))
-                lost = changes is None or watcher.lost(changes)
-                due = opts.reread > 0 and time.monotonic() - last_read >= opts.reread / 1000
-                if changes and not lost and not due and not any(map(layout.wants, _paths(changes))):
-                    continue
-                layout = _Layout.of(path)
-                if lost or layout.dirs != watcher.wanted:
-                    await watcher.aclose()
-                    # A watcher that failed may fail again at once: pause rather than spin.
-                    watcher, layout = await _rewatch(path, opts, pause=changes is None)
+                timeout = None
+                if opts.reread > 0:
+                    timeout = max(0.0, last_read + opts.reread / 1000 - time.monotonic())
+                await sub.wait(timeout)
+                # The file's links may point elsewhere now: follow them before reading.
+                await sub.update(_Layout.of(path))
                 last_read = time.monotonic()
                 value = _try_read(path)
                 if value is None:
@@ -125,113 +123,9 @@ class WatchfilesStrategy:
                 logger.debug("DSN file %s changed", path)
                 yield current
         finally:
-            # Shielded: when an anyio scope cancels the consumer, the watcher must still stop.
+            # Shielded: when an anyio scope cancels the consumer, the subscription must still end.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-                await watcher.aclose()
-
-
-class _DirWatch:
-    """One ``awatch`` over a fixed set of directories (non-recursive, unfiltered)."""
-
-    def __init__(self, wanted: tuple[str, ...], dirs: tuple[str, ...], opts: _Options) -> None:
-        self.wanted = wanted  # what the layout asked for; dirs may be fewer after a fallback
-        self.dirs = dirs
-        self._step = opts.step / 1000
-        self._ids = [_identity(d) for d in dirs]
-        # Our own event lets aclose() stop the thread within one step. awatch sets it only when
-        # cancelled, and a cancel from an anyio scope reaches awatch only once the thread
-        # returns on its own, after up to rust_timeout.
-        self._stop = asyncio.Event()
-        self._gen = awatch(
-            *dirs,
-            watch_filter=None,
-            debounce=opts.debounce,
-            step=opts.step,
-            stop_event=self._stop,
-            rust_timeout=opts.reread or _MAX_MS,
-            yield_on_timeout=True,
-            force_polling=opts.polling,
-            poll_delay_ms=opts.poll_delay,
-            recursive=False,
-            ignore_permission_denied=False,
-        )
-        self._pending: asyncio.Task[_Changes | None] | None = None
-
-    @classmethod
-    async def start(cls, dirs: tuple[str, ...], opts: _Options) -> _DirWatch:
-        """Start watching *dirs*; the OS watch is installed when this returns.
-
-        Raises OSError or RuntimeError (watchfiles' errors) if *dirs* cannot be watched.
-        """
-        try:
-            return await cls._start(dirs, dirs, opts)
-        except (OSError, RuntimeError):
-            if len(dirs) == 1:
-                raise
-        # The link target's directory is a bonus; the parent alone still sees most changes.
-        return await cls._start(dirs, dirs[:1], opts)
-
-    @classmethod
-    async def _start(
-        cls, wanted: tuple[str, ...], dirs: tuple[str, ...], opts: _Options
-    ) -> _DirWatch:
-        self = cls(wanted, dirs, opts)
-        first = self._pending = asyncio.ensure_future(self._next_batch())
-        try:
-            # One loop turn runs the task's first step, which builds RustNotify (installing the
-            # OS watch) before its first await; events from then on queue up in RustNotify.
-            await asyncio.sleep(0)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.aclose()
-            raise
-        error = first.exception() if first.done() else None
-        if error is not None:
-            await self.aclose()
-            raise error
-        return self
-
-    async def _next_batch(self) -> _Changes | None:
-        try:
-            return await anext(self._gen)
-        except StopAsyncIteration:
-            return None
-
-    async def next(self) -> _Changes | None:
-        """The next batch of changes, empty on a recheck timeout; None if the watcher died."""
-        task = self._pending
-        if task is None:
-            task = self._pending = asyncio.ensure_future(self._next_batch())
-        # Not `await task`, which would cancel it with us: aclose() stops it more cleanly.
-        await asyncio.wait([task])
-        self._pending = None
-        try:
-            return task.result()
-        except (OSError, RuntimeError) as exc:
-            logger.warning("watching %s failed: %s; restarting", ", ".join(self.dirs), _reason(exc))
-            return None
-
-    def lost(self, changes: _Changes) -> bool:
-        """True if a watched directory was deleted or replaced, so its OS watch is gone."""
-        deleted = (path for change, path in changes if change == Change.deleted)
-        if any(p in self.dirs for p in _paths_of(deleted)):
-            return True  # the inode number may be reused at once, so identity alone misses it
-        return any(_identity(d) != ident for d, ident in zip(self.dirs, self._ids, strict=True))
-
-    async def aclose(self) -> None:
-        """Stop the watcher thread and release the OS watch; idempotent."""
-        self._stop.set()
-        task, self._pending = self._pending, None
-        if task is not None:
-            # The thread sees the stop event within one step; letting it return (rather than
-            # cancelling at once) hands anyio's worker thread back before a new watcher wants one.
-            await asyncio.wait([task], timeout=self._step + 1)
-            if not task.done():
-                task.cancel()
-                await asyncio.wait([task])
-            if not task.cancelled():
-                task.exception()  # retrieved, so asyncio does not warn about it
-        await self._gen.aclose()
+                await sub.aclose()
 
 
 @dataclass(frozen=True)
@@ -261,34 +155,14 @@ class _Layout:
             dirs.append(target_dir)
         return cls(parent, tuple(dirs), frozenset(relevant))
 
-    def wants(self, changed: str) -> bool:
-        if changed in self.relevant or changed in self.dirs:
+    def wants(self, changes: Changes) -> bool:
+        """True if *changes* touch the file, a link on its way, or a watched directory."""
+        if not self.relevant.isdisjoint(changes.paths):
+            return True
+        if any(d in changes.paths for d in self.dirs):
             return True
         # Kubernetes' AtomicWriter names everything it swaps ``..something``.
-        name = os.path.basename(changed)
-        return name.startswith("..") and os.path.dirname(changed) == self.parent
-
-
-async def _rewatch(path: str, opts: _Options, *, pause: bool) -> tuple[_DirWatch, _Layout]:
-    """Start a new watcher, waiting for the parent directory to (re)appear."""
-    delay = min(opts.poll_delay, opts.recheck or opts.poll_delay) / 1000
-    if pause:
-        await asyncio.sleep(delay)
-    while True:
-        layout = _Layout.of(path)
-        if _is_directory(layout.parent):
-            try:
-                watcher = await _DirWatch.start(layout.dirs, opts)
-            except (OSError, RuntimeError) as exc:
-                logger.debug("cannot watch %s yet: %s", layout.parent, _reason(exc))
-            else:
-                logger.debug(
-                    "watching DSN file %s again (directories: %s)", path, ", ".join(watcher.dirs)
-                )
-                return watcher, layout
-        else:
-            logger.debug("directory %s is gone; waiting for it to reappear", layout.parent)
-        await asyncio.sleep(delay)
+        return self.parent in changes.dotted
 
 
 class _UnreadableError(Exception):
@@ -411,32 +285,5 @@ def _link_chain(path: str) -> Iterable[str]:
         yield path
 
 
-def _paths(changes: _Changes) -> Iterator[str]:
-    return _paths_of(path for _, path in changes)
-
-
-def _paths_of(paths: Iterable[str]) -> Iterator[str]:
-    # watchfiles joins the watched path and the name; normalise to compare with ours.
-    return (os.path.normpath(p) for p in paths)
-
-
 def _within(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
-
-
-def _is_directory(path: str) -> bool:
-    return os.path.isdir(path)
-
-
-def _identity(directory: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
