@@ -1,0 +1,5 @@
+"""``python -m aiohotload``: the ``aiohotload`` command (see :mod:`aiohotload.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())
