@@ -1,0 +1,355 @@
+"""Throwaway single-member etcd servers, a TCP proxy that can cut connections, and test certs.
+
+:class:`EtcdServer` runs ``etcd`` on free loopback ports with its data in a given directory;
+it can be stopped and started again on the same ports and data. Its ``put``, ``delete``,
+``compact`` and ``enable_auth`` speak etcd's JSON gateway, so no ``etcdctl`` is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["EtcdServer", "EtcdServerError", "TcpProxy", "TlsFiles", "find_etcd", "make_tls_files"]
+
+#: Longest wait for a started server to answer.
+READY_TIMEOUT = 20.0
+
+
+class EtcdServerError(RuntimeError):
+    """The server did not start, or an admin request failed."""
+
+
+def find_etcd() -> str | None:
+    """The path of the ``etcd`` binary, or None."""
+    return shutil.which("etcd") or next(
+        (p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if Path(p).is_file()), None
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Make a CA and certificates signed by it with the ``openssl`` command."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=aiohotload test CA")  # fmt: skip
+    for name, ext in (
+        # clientAuth too: etcd's JSON gateway dials its own gRPC server with this certificate.
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (directory / f"{name}.ext").write_text(ext + "\n")
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+            "-extfile", f"{name}.ext")  # fmt: skip
+    return TlsFiles(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+    )
+
+
+class EtcdServer:
+    """One etcd member on 127.0.0.1; ``tls`` makes it require client certificates."""
+
+    def __init__(
+        self, directory: Path, *, binary: str, tls: TlsFiles | None = None, name: str = "hl"
+    ) -> None:
+        self.directory = directory
+        self.binary = binary
+        self.tls = tls
+        self.name = name
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.peer_url = f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.initial_cluster = f"{name}={self.peer_url}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._root_password: str | None = None
+
+    @classmethod
+    def cluster(cls, directory: Path, *, binary: str, size: int) -> list[EtcdServer]:
+        """*size* members of one cluster, not started (see :meth:`start_all`)."""
+        members = [cls(directory / f"m{i}", binary=binary, name=f"m{i}") for i in range(size)]
+        initial = ",".join(m.initial_cluster for m in members)
+        for member in members:
+            member.initial_cluster = initial
+        return members
+
+    @staticmethod
+    def start_all(servers: list[EtcdServer]) -> None:
+        """Launch every server, then wait for each: members of a cluster need each other."""
+        for server in servers:
+            server.launch()
+        for server in servers:
+            server.wait_ready()
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server (on the same ports and data as before) and wait until it serves."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to serve."""
+        if self.is_running:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary,
+            f"--name={self.name}",
+            f"--data-dir={self.directory / 'data'}",
+            f"--listen-client-urls={self.url}",
+            f"--advertise-client-urls={self.url}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--initial-cluster={self.initial_cluster}",
+            # A member calls an election after one election timeout: keep it short.
+            "--heartbeat-interval=10",
+            "--election-timeout=100",
+            "--logger=zap",
+            "--log-outputs=stderr",
+        ]
+        if self.tls:
+            args += [
+                f"--cert-file={self.tls.server_cert}",
+                f"--key-file={self.tls.server_key}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
+        log = (self.directory / "etcd.log").open("ab")
+        try:
+            self._proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        finally:
+            log.close()
+
+    def wait_ready(self) -> None:
+        """Wait until the server answers and knows its cluster's leader."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        last: object = None
+        with self._client_sync() as client:
+            while time.monotonic() < deadline:
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    raise EtcdServerError(f"etcd exited with {self._proc.returncode}: {self.log()}")
+                try:
+                    # Status is local and needs no auth; a linearizable read made before the
+                    # member knows its leader can stall for etcd's 5 s request timeout.
+                    response = client.post(f"{self.url}/v3/maintenance/status", json={})
+                    if response.status_code == 200 and int(response.json().get("leader", 0)):
+                        return
+                    last = response.text
+                except httpx.TransportError as exc:
+                    last = exc
+                time.sleep(0.02)
+        self.stop()
+        raise EtcdServerError(f"etcd not ready within {READY_TIMEOUT}s ({last!r}): {self.log()}")
+
+    def stop(self) -> None:
+        """Stop the server gracefully (SIGTERM), killing it if it lingers."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log(self, lines: int = 20) -> str:
+        try:
+            text = (self.directory / "etcd.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------ admin requests
+
+    async def put(self, key: str, value: str) -> int:
+        """Put *value* at *key*; the revision of the change."""
+        data = await self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+        return int(data["header"]["revision"])
+
+    async def delete(self, key: str) -> int:
+        data = await self.call("/v3/kv/deleterange", {"key": _b64(key)})
+        return int(data["header"]["revision"])
+
+    async def revision(self) -> int:
+        data = await self.call("/v3/kv/range", {"key": _b64("_")})
+        return int(data["header"]["revision"])
+
+    async def compact(self, revision: int | None = None) -> int:
+        """Compact the history up to *revision* (default: the current one)."""
+        revision = revision or await self.revision()
+        await self.call("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    async def enable_auth(self, user: str, password: str, *, readable: str) -> None:
+        """Create *user* allowed to read key *readable* (and a root user), and turn auth on."""
+        root_password = "root-" + password[::-1]
+        role = f"{user}-reader"
+        for path, body in (
+            ("/v3/auth/user/add", {"name": "root", "password": root_password}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/user/add", {"name": user, "password": password}),
+            ("/v3/auth/role/add", {"name": role}),
+            ("/v3/auth/role/grant", {"name": role, "perm": {"key": _b64(readable)}}),
+            ("/v3/auth/user/grant", {"user": user, "role": role}),
+            ("/v3/auth/enable", {}),
+        ):
+            await self.call(path, body)
+        self._root_password = root_password
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST *body* to the gateway's *path* as root (once auth is on); the JSON answer."""
+        async with self._client() as client:
+            headers = {}
+            if self._root_password is not None:
+                auth = await client.post(
+                    f"{self.url}/v3/auth/authenticate",
+                    json={"name": "root", "password": self._root_password},
+                )
+                headers["Authorization"] = auth.json()["token"]
+            response = await client.post(f"{self.url}{path}", json=body, headers=headers)
+        if response.status_code != 200:
+            raise EtcdServerError(f"{path}: HTTP {response.status_code}: {response.text}")
+        data: dict[str, Any] = response.json()
+        return data
+
+    def _client(self) -> httpx.AsyncClient:
+        verify: ssl.SSLContext | bool = self.tls.client_context() if self.tls else True
+        return httpx.AsyncClient(verify=verify, timeout=10, trust_env=False)
+
+    def _client_sync(self) -> httpx.Client:
+        verify: ssl.SSLContext | bool = self.tls.client_context() if self.tls else True
+        return httpx.Client(verify=verify, timeout=0.25, trust_env=False)
+
+
+class TcpProxy:
+    """Forwards a loopback port to *target_port*; :meth:`cut` drops every connection (and
+    each new one at once) until :meth:`resume`, as a network failure would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.endpoint = ""
+        self.accepted = 0
+        self._cut = False
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.WriteTransport] = set()
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.endpoint = f"127.0.0.1:{self.port}"
+        return self
+
+    def cut(self) -> None:
+        self._cut = True
+        for transport in list(self._transports):
+            transport.abort()  # a reset, not a polite close
+
+    def resume(self) -> None:
+        self._cut = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self._cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = {writer.transport, up_writer.transport}
+        self._transports |= pair
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._transports -= pair
+            for transport in pair:
+                transport.abort()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
