@@ -472,11 +472,13 @@ class HotPool:
         terminated = 0
         try:
             if force:
+                _stop_refilling(gen.pool)
                 terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
                 gen.pool.terminate()
             else:
                 # Expired connections are closed when released instead of going back idle.
                 await gen.pool.expire_connections()
+                _stop_refilling(gen.pool)
                 with anyio.move_on_after(self._url.drain_timeout) as scope:
                     await gen.idle.wait()
                     await gen.pool.close()
@@ -1106,6 +1108,17 @@ def create_pool(url: str, *, name: str | None = None, **pool_kwargs: Any) -> Hot
     URL's path).
     """
     return HotPool(url, name=name, **pool_kwargs)
+
+
+def _stop_refilling(pool: asyncpg.Pool) -> None:
+    """Keep a retired asyncpg pool from reconnecting to the old server.
+
+    asyncpg refills a pool up to ``min_size`` whenever a connection closes, and a drain closes
+    each released connection: without this the old pool would open new connections to the old
+    server (with credentials that may just have been rotated away) while it drains.
+    """
+    if hasattr(pool, "_minsize"):
+        pool._minsize = 0
 
 
 def _terminated_mid_query(con: PoolConnectionProxy, exc: AttributeError) -> BaseException:

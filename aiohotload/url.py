@@ -10,6 +10,7 @@ from types import MappingProxyType
 from urllib.parse import unquote
 
 from .errors import InvalidOptionError, InvalidURLError
+from .redact import redact_dsn
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -82,7 +83,7 @@ def parse_url(url: str) -> HotloadURL:
     if not sep:
         raise InvalidURLError(
             "hotload URL must look like '<strategy>://<driver>/<path>?<options>', "
-            f"e.g. 'watchfiles://postgres/etc/app/dsn.txt'; got {_shorten(url)!r}"
+            f"e.g. 'watchfiles://postgres/etc/app/dsn.txt'; got {_shown(url)!r}"
         )
     # fullmatch, not match: '$' would let a trailing newline through.
     if not _SCHEME.fullmatch(scheme):
@@ -96,6 +97,13 @@ def parse_url(url: str) -> HotloadURL:
             f"e.g. '{scheme}://postgres/...'"
         )
     if not _NAME.fullmatch(driver):
+        if "@" in driver:
+            # Most likely a DSN given where a hotload URL belongs: never echo its userinfo.
+            raise InvalidURLError(
+                "hotload URL's driver part contains '@': this looks like a DSN "
+                f"({_shown(url)!r}); pass a hotload URL such as "
+                "'watchfiles://postgres/etc/app/dsn.txt' whose source holds the DSN"
+            )
         raise InvalidURLError(f"invalid driver name {_shorten(driver)!r} in hotload URL")
     try:
         path = unquote(slash + raw_path, errors="strict") if raw_path else ""
@@ -179,6 +187,13 @@ def parse_duration(name: str, value: str, *, allow_zero: bool = True) -> float:
             f"got {_shorten(value)!r}"
         )
     return seconds
+
+
+def _shown(url: str) -> str:
+    """*url* as an error may quote it: a password in it, if any, redacted."""
+    if "://" not in url and "@" in url:
+        return "********@" + _shorten(url.rpartition("@")[2])
+    return _shorten(redact_dsn(url))
 
 
 def _shorten(text: str, limit: int = 80) -> str:

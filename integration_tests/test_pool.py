@@ -434,3 +434,23 @@ async def test_copy_and_executemany_follow_the_swap(
     finally:
         for server in (pg_a, pg_b):
             await server.execute(f'DROP TABLE "{table}"')
+
+
+async def test_draining_pool_does_not_reconnect_to_the_old_server(
+    pg_a: PgServer, role: RoleFactory, dsn_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    user, old_password = await role(pg_a)
+    new_password = old_password + "-next"
+    write_dsn(dsn_file, pg_a.dsn(user, old_password))
+    async with aiohotload.create_pool(url_for(dsn_file), min_size=3, max_size=4) as pool:
+        held = [await pool.acquire() for _ in range(2)]
+        await pg_a.alter_password(user, new_password)
+        write_dsn(dsn_file, pg_a.dsn(user, new_password))
+        await pool.wait_for_swap(timeout=10)
+        for conn in held:
+            await pool.release(conn)
+        await wait_for(lambda: pool.draining, lambda n: n == 0, timeout=10)
+        assert await pool.fetchval("SELECT 1") == 1
+    # asyncpg's min_size refill would have tried the rotated-away password and logged it.
+    assert not [r for r in caplog.records if "floor" in r.getMessage() or r.exc_info]

@@ -210,7 +210,7 @@ def test_not_a_str(value: object) -> None:
         ("wätch://postgres/x", "invalid strategy name 'wätch'"),
         ("watchfiles:///etc/x", "names no driver"),
         ("watchfiles://?a=1", "names no driver"),
-        ("watchfiles://user@postgres/x", "invalid driver name 'user@postgres'"),
+        ("watchfiles://user@postgres/x", "looks like a DSN"),
         ("watchfiles://postgres:5432/x", "invalid driver name 'postgres:5432'"),
         ("watchfiles://-pg/x", "invalid driver name '-pg'"),
         ("watchfiles://pg\n/x", "invalid driver name 'pg\\\\n'"),
@@ -388,3 +388,17 @@ def test_repr_never_shows_secret_option_values(name: str, value: str) -> None:
 def test_printable_ascii_path_round_trips() -> None:
     path = "/" + string.printable.replace("\x00", "")
     assert parse_url("s://d" + quote(path)).path == path
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://alice:hunter2secret@db.example.com:5432/app",
+        "postgres://alice:hunter2secret@db.example.com/app?sslmode=require",
+        "alice:hunter2secret@db.example.com",
+    ],
+)
+def test_a_dsn_passed_as_url_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(HotloadError) as info:
+        parse_url(url)
+    assert "hunter2secret" not in str(info.value)
