@@ -85,12 +85,16 @@ def strategy_names() -> list[str]:
 
 
 def _register_builtins() -> None:
+    from .command import ExecStrategy
+    from .env import EnvStrategy
     from .files import WatchfilesStrategy
 
     files = WatchfilesStrategy()
     register_strategy("watchfiles", files)
     # Go hotload's scheme, so its URLs work unchanged.
     register_strategy("fsnotify", files)
+    register_strategy("exec", ExecStrategy())
+    register_strategy("env", EnvStrategy())
 
 
 _register_builtins()
