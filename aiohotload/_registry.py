@@ -31,6 +31,8 @@ class Registry(Generic[T]):
         self._coerce = coerce
         self._items: dict[str, T] = {}
         self._entry_points_loaded = False
+        # Why a plugin could not load, by name: the unknown-name error says what to install.
+        self._failed: dict[str, str] = {}
         self._lock = threading.Lock()
         # Reentrant: a plugin's import may itself look a name up.
         self._load_lock = threading.RLock()
@@ -56,6 +58,9 @@ class Registry(Generic[T]):
             self._load_entry_points()
             item = self._items.get(key)
         if item is None:
+            failure = self._failed.get(key)
+            if failure is not None:
+                raise self._unknown(f"{self._kind} {name!r} could not be loaded: {failure}")
             names = ", ".join(sorted(self._items)) or "none"
             raise self._unknown(f"unknown {self._kind} {name!r}; registered: {names}")
         return item
@@ -91,6 +96,7 @@ class Registry(Generic[T]):
                 loaded = loaded()
             self.register(key, loaded)
         except Exception as exc:  # a broken plugin must not break unrelated URLs
+            self._failed[key] = str(exc) or type(exc).__name__
             logger.warning(
                 "could not load %s plugin %r from entry point %s: %s",
                 self._kind,
@@ -102,3 +108,4 @@ class Registry(Generic[T]):
     def _reset_entry_points(self) -> None:
         """Look at entry points again on the next miss (for tests that install plugins)."""
         self._entry_points_loaded = False
+        self._failed.clear()

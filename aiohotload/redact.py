@@ -31,6 +31,9 @@ _KV_PASSWORD = re.compile(
 # password value that itself holds '?password=' cannot hide a later parameter. The value runs
 # to the next '&' only: a raw '#' or '?' in it is more likely part of a password than not.
 _QUERY_PARAM = re.compile(r"[?&](?P<name>[^&=#?]*)=(?P<value>[^&]*)")
+# A URL's userinfo password inside free text: up to the last '@' before whitespace (an
+# unescaped password may hold '@' itself).
+_TEXT_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:(?P<value>\S*)@")
 
 _Span = tuple[int, int]
 _DecodeFn = Callable[[str], str]
@@ -57,7 +60,9 @@ def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     text = _KV_PASSWORD.sub(lambda m: m.group("key") + REDACTED, text)
-    return _replace(text, _merge(span for span, _ in _query_passwords(text, 0)))
+    spans = [span for span, _ in _query_passwords(text, 0)]
+    spans += [m.span("value") for m in _TEXT_URL_PASSWORD.finditer(text)]
+    return _replace(text, _merge(spans))
 
 
 def secrets_of(dsn: str) -> tuple[str, ...]:

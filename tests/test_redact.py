@@ -164,6 +164,25 @@ def test_redact_text_scrubs_dsn_patterns_without_secrets() -> None:
     assert "a=b" in out
 
 
+@pytest.mark.parametrize(
+    ("text", "password"),
+    [
+        ("could not connect to postgresql://app:s3cret@db1/app: refused", "s3cret"),
+        ("dsn postgres://app:p@ss:w@db1:5432/app?sslmode=require", "p@ss:w"),
+        ("('postgresql://u:tok%2Fen@h/db',)", "tok%2Fen"),
+    ],
+)
+def test_redact_text_scrubs_url_passwords_in_free_text(text: str, password: str) -> None:
+    out = redact_text(text)
+    assert password not in out
+    assert REDACTED in out
+
+
+def test_redact_text_leaves_urls_without_password() -> None:
+    text = "see http://example.com/a:b and user@host at 12:30"
+    assert redact_text(text) == text
+
+
 def test_redact_text_with_secrets_of_dsn() -> None:
     dsn = "postgresql://u:p%C3%A9@h/db"
     message = "connect failed with password 'pé' (p%C3%A9)"
