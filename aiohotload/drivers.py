@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -22,6 +22,7 @@ __all__ = [
     "driver_names",
     "get_driver",
     "register_driver",
+    "stop_connecting",
     "unregister_driver",
 ]
 
@@ -39,11 +40,62 @@ class Driver(Protocol):
 async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
     """Open an :class:`asyncpg.Pool` on *dsn* with *pool_kwargs*.
 
-    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first.
+    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first. The pool's
+    new connections can be abandoned with :func:`stop_connecting`.
     """
     if is_key_value(dsn):
         dsn = key_value_to_url(dsn)
-    return await asyncpg.create_pool(dsn, **pool_kwargs)
+    connect = pool_kwargs.pop("connect", None) or asyncpg.connect
+    return await asyncpg.create_pool(dsn, connect=_StoppableConnect(connect), **pool_kwargs)
+
+
+def stop_connecting(pool: asyncpg.Pool) -> None:
+    """Abandon the connections *pool* is opening, and open no more: each such attempt raises
+    :class:`asyncpg.InterfaceError` at once. For pools about to be terminated.
+
+    Terminating an asyncpg pool closes the connections it has, not those it is opening: a
+    caller waiting for a new connection to an old server that stopped answering would wait
+    for asyncpg's connect timeout (60 s), long after the drain ended, only to be refused by
+    the terminated pool. Pools not opened by :func:`asyncpg_driver` are left alone.
+    """
+    connect = getattr(pool, "_connect", None)
+    if isinstance(connect, _StoppableConnect):
+        connect.stop()
+
+
+class _StoppableConnect:
+    """asyncpg's ``connect=`` for a pool: *connect*, until :meth:`stop` is called."""
+
+    __slots__ = ("_connect", "_stop")
+
+    def __init__(self, connect: Callable[..., Awaitable[asyncpg.Connection]]) -> None:
+        self._connect = connect
+        self._stop: asyncio.Future[None] | None = None  # made on first use, in the loop
+
+    def stop(self) -> None:
+        if self._stop is None:
+            self._stop = asyncio.get_running_loop().create_future()
+        if not self._stop.done():
+            self._stop.set_result(None)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        if self._stop is None:
+            self._stop = asyncio.get_running_loop().create_future()
+        if self._stop.done():
+            raise asyncpg.InterfaceError("pool is closing: no new connections")
+        # A task of its own, so stop() can abandon it without cancelling the caller.
+        opening = asyncio.ensure_future(self._connect(*args, **kwargs))
+        try:
+            await asyncio.wait((opening, self._stop), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled
+            opening.cancel()  # asyncpg closes the socket of a cancelled connect
+            raise
+        if not opening.done():
+            opening.cancel()
+            # An abandoned attempt may still end with an error of its own: retrieve it, unlogged.
+            opening.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise asyncpg.InterfaceError("pool is closing: connection attempt abandoned")
+        return opening.result()
 
 
 def _coerce(item: object) -> Driver:

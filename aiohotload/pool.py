@@ -25,7 +25,7 @@ import asyncpg
 from anyio.abc import TaskGroup
 from asyncpg.pool import PoolConnectionProxy
 
-from .drivers import Driver, cancel_in_flight, get_driver
+from .drivers import Driver, cancel_in_flight, get_driver, stop_connecting
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted, SwapDone
 from .redact import redact_dsn, redact_text, secrets_of
@@ -45,6 +45,18 @@ _RETRY_MAX = 15.0
 _CANCEL_TIMEOUT = 5.0
 # Bound on closing a released connection of an old pool (its server may have gone silent).
 _RELEASE_TIMEOUT = 5.0
+# What asyncpg raises when a query starts on a connection that was just cut off under it:
+# see _terminated_mid_query.
+_BROKEN_MID_QUERY = (AttributeError, asyncpg.InternalClientError)
+# What a release raises when the connection turned out to be broken: asyncpg has terminated
+# it and given its slot back by then, so the pool is in order and the caller's work is done.
+_RELEASE_ERRORS = (
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. the old pool was terminated mid-release
+    asyncpg.PostgresError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 class _Generation:
@@ -220,6 +232,7 @@ class HotPool:
         self._closing = True
         for gen in [self._current, *self._retired]:
             if gen is not None:
+                stop_connecting(gen.pool)  # no caller keeps waiting on a connect
                 gen.pool.terminate()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
@@ -464,6 +477,7 @@ class HotPool:
         if self._tg is not None:
             self._tg.start_soon(self._drain, gen, force)
         else:  # the background task is gone (terminate); nothing can drain: stop it now
+            stop_connecting(gen.pool)
             gen.pool.terminate()
             self._retired.discard(gen)
 
@@ -473,6 +487,9 @@ class HotPool:
         try:
             if force:
                 _stop_refilling(gen.pool)
+                # Before the cancel requests: callers waiting on a new connection to the old
+                # server move to the new pool now (see stop_connecting).
+                stop_connecting(gen.pool)
                 terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
                 gen.pool.terminate()
             else:
@@ -483,6 +500,7 @@ class HotPool:
                     await gen.idle.wait()
                     await gen.pool.close()
                 if scope.cancelled_caught:
+                    stop_connecting(gen.pool)  # as for force_kill
                     terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
                     gen.pool.terminate()
                     logger.warning(
@@ -495,6 +513,7 @@ class HotPool:
                     )
         except Exception:
             logger.exception("draining generation %d failed; terminating it", gen.number)
+            stop_connecting(gen.pool)
             gen.pool.terminate()
         finally:
             self._retired.discard(gen)
@@ -615,13 +634,29 @@ class HotPool:
     def _checkin(
         self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
     ) -> Awaitable[None]:
-        """Release *con* to *gen*'s pool; returns the awaitable release (no extra frame)."""
+        """Release *con* to *gen*'s pool; returns the awaitable release."""
         if gen.retired:
             return self._release_retired(con, gen, timeout)
         # Counting the caller out before the release completes is safe: a drain only closes
         # the pool once this count is 0, and asyncpg's close() waits for in-flight releases.
         gen.users -= 1
-        return gen.pool.release(con, timeout=timeout)
+        return self._release_current(con, gen, timeout)
+
+    async def _release_current(
+        self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
+    ) -> None:
+        # asyncpg resets a released connection. If the server dropped it meanwhile (shutdown,
+        # pg_terminate_backend, a cut network) the reset fails, asyncpg terminates it and
+        # raises. Raising that to the caller would report a query that succeeded (a committed
+        # write, then retried) as failed, or hide the query's own error: log it instead.
+        try:
+            await gen.pool.release(con, timeout=timeout)
+        except _RELEASE_ERRORS as exc:
+            logger.debug(
+                "releasing a connection of generation %d failed: %s",
+                gen.number,
+                type(exc).__name__,
+            )
 
     async def _release_retired(
         self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
@@ -631,13 +666,7 @@ class HotPool:
         # close it cleanly is not the caller's problem.
         try:
             await gen.pool.release(con, timeout=_RELEASE_TIMEOUT if timeout is None else timeout)
-        except (
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,  # the old pool was terminated mid-release
-            asyncpg.PostgresError,
-            OSError,
-            asyncio.TimeoutError,
-        ) as exc:
+        except _RELEASE_ERRORS as exc:
             logger.debug(
                 "closing a connection of generation %d failed: %s", gen.number, type(exc).__name__
             )
@@ -682,7 +711,7 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             return await con.execute(query, *args, timeout=timeout)
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -694,7 +723,7 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             await con.executemany(command, args, timeout=timeout)
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -709,7 +738,7 @@ class HotPool:
                 query, *args, timeout=timeout, record_class=record_class
             )
             return rows
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -721,7 +750,7 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             return await con.fetchval(query, *args, column=column, timeout=timeout)
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -733,7 +762,7 @@ class HotPool:
         con, gen = await self._checkout(None)
         try:
             return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -754,7 +783,7 @@ class HotPool:
                 query, args, timeout=timeout, record_class=record_class
             )
             return rows
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -797,7 +826,7 @@ class HotPool:
                 encoding=encoding,
             )
             return result
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -837,7 +866,7 @@ class HotPool:
                 encoding=encoding,
             )
             return result
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -888,7 +917,7 @@ class HotPool:
                 where=where,
             )
             return result
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -915,7 +944,7 @@ class HotPool:
                 where=where,
             )
             return result
-        except AttributeError as exc:
+        except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
             await self._checkin(con, gen, None)
@@ -1121,10 +1150,19 @@ def _stop_refilling(pool: asyncpg.Pool) -> None:
         pool._minsize = 0
 
 
-def _terminated_mid_query(con: PoolConnectionProxy, exc: AttributeError) -> BaseException:
-    """asyncpg raises ``AttributeError: 'NoneType' object has no attribute ...`` when a
-    connection is terminated (force kill, drain timeout) while a query on it is starting;
-    report that as the connection error it is."""
+def _terminated_mid_query(con: PoolConnectionProxy, exc: Exception) -> BaseException:
+    """Report as the connection error it is what asyncpg raises when a query starts on a
+    connection that was just cut off: ``AttributeError: 'NoneType' object has no attribute
+    ...`` when we terminated it (force kill, drain timeout), and ``InternalClientError: cannot
+    switch to state ...; another operation (2) is in progress`` when the server ended the
+    session while it sat idle (shutdown, pg_terminate_backend), before its socket closed.
+    State 2 is asyncpg's "consuming an error": an error no operation asked for."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        if "another operation (2) is in progress" in str(exc):
+            return asyncpg.ConnectionDoesNotExistError(
+                "connection was closed by the server in the middle of operation"
+            )
+        return exc
     raw = getattr(con, "_con", None)
     if raw is None or raw.is_closed():
         return asyncpg.ConnectionDoesNotExistError(

@@ -19,6 +19,7 @@ _PASSWORD_NAMES = frozenset({"password", "sslpassword"})
 
 # A URL DSN starts with a scheme; a key=value DSN starts with a keyword followed by '='.
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_KEY_VALUE = re.compile(r"[A-Za-z_]+[ \t\n\r\f\v]*=")
 # key=value DSN (libpq rules): a value is a single-quoted string with backslash escapes, or a
 # bare word that ends at ASCII whitespace, in which a backslash escapes the next character.
 # '?password=' and '&password=' are left to _QUERY_PARAM, whose values end at '&'.
@@ -44,13 +45,15 @@ def redact_dsn(dsn: str) -> str:
 
     Handles URL DSNs (``postgresql://user:pw@host/db``, including ``?password=`` and
     ``?sslpassword=`` in the query) and libpq key=value DSNs (``host=h password='p w'``).
-    User, hosts, ports and database stay readable. The result is meant for humans, never for
-    connecting.
+    User, hosts, ports and database stay readable. Text that is neither form (a garbled file,
+    a bare password) is hidden whole. The result is meant for humans, never for connecting.
     """
     text = dsn.strip()
     if _SCHEME.match(text):
         return _replace(text, _merge(span for span, _ in _url_passwords(text)))
-    return _KV_PASSWORD.sub(lambda m: m.group("key") + REDACTED, text)
+    if _KEY_VALUE.match(text):
+        return _KV_PASSWORD.sub(lambda m: m.group("key") + REDACTED, text)
+    return REDACTED if text else text
 
 
 def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
@@ -76,11 +79,13 @@ def secrets_of(dsn: str) -> tuple[str, ...]:
             raw = text[start:end]
             forms.add(raw)
             forms.update(decode(raw) for decode in decoders)
-    else:
+    elif _KEY_VALUE.match(text):
         for m in _KV_PASSWORD.finditer(text):
             raw = m.group("value")
             forms.add(raw)
             forms.add(_kv_unescape(raw))
+    else:  # not a DSN: all of it may be secret, as redact_dsn hides it whole
+        forms.add(text)
     forms.discard("")
     # Longest first, so a secret that contains another is replaced whole.
     return tuple(sorted(forms, key=lambda s: (-len(s), s)))

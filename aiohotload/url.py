@@ -10,7 +10,7 @@ from types import MappingProxyType
 from urllib.parse import unquote
 
 from .errors import InvalidOptionError, InvalidURLError
-from .redact import redact_dsn
+from .redact import REDACTED, redact_dsn, redact_text
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -193,7 +193,12 @@ def _shown(url: str) -> str:
     """*url* as an error may quote it: a password in it, if any, redacted."""
     if "://" not in url and "@" in url:
         return "********@" + _shorten(url.rpartition("@")[2])
-    return _shorten(redact_dsn(url))
+    shown = redact_dsn(url)
+    if shown == REDACTED:
+        # Neither DSN form: a mistyped hotload URL or a bare path, worth showing, password
+        # patterns still hidden.
+        shown = redact_text(url.strip())
+    return _shorten(shown)
 
 
 def _shorten(text: str, limit: int = 80) -> str:

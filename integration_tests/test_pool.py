@@ -454,3 +454,42 @@ async def test_draining_pool_does_not_reconnect_to_the_old_server(
         assert await pool.fetchval("SELECT 1") == 1
     # asyncpg's min_size refill would have tried the rotated-away password and logged it.
     assert not [r for r in caplog.records if "floor" in r.getMessage() or r.exc_info]
+
+
+@pytest.mark.parametrize("outcome", ["fails", "is cancelled"])
+async def test_driver_closes_connections_of_a_pool_that_did_not_open(
+    pg_a: PgServer, role: RoleFactory, outcome: str
+) -> None:
+    """A reload that fails or is superseded halfway through opening its pool leaves no
+    connection behind."""
+    from aiohotload.drivers import asyncpg_driver
+
+    user, password = await role(pg_a)
+    made: list[asyncpg.Connection] = []
+    second = asyncio.Event()
+    never = asyncio.Event()
+
+    async def connect(*args: object, **kwargs: object) -> asyncpg.Connection:
+        if made:  # the second connection of min_size 3
+            second.set()
+            if outcome == "fails":
+                raise ConnectionRefusedError("refused by the test")
+            await never.wait()
+        conn = await asyncpg.connect(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(conn)
+        return conn
+
+    opening = asyncio.ensure_future(
+        asyncpg_driver(pg_a.dsn(user, password), min_size=3, max_size=3, connect=connect)
+    )
+    await asyncio.wait_for(second.wait(), 10)
+    if outcome == "fails":
+        with pytest.raises(ConnectionRefusedError):
+            await opening
+    else:
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+    assert len(made) == 1
+    assert made[0].is_closed()
+    await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)

@@ -281,3 +281,10 @@ def test_secrets_of_lets_redact_text_scrub_every_form(pw: str) -> None:
         out = redact_text(message, found)
         assert pw not in out, (name, message, out)
         assert written not in out, (name, message, out)
+
+
+def test_text_in_neither_dsn_form_is_hidden_whole() -> None:
+    text = "this is not a DSN at all S3cr3t"
+    assert redact_dsn(text) == REDACTED
+    assert secrets_of(text) == (text,)
+    assert "S3cr3t" not in redact_text(f"could not parse {text!r}", secrets_of(text))
