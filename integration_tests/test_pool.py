@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -469,13 +470,13 @@ async def test_driver_closes_connections_of_a_pool_that_did_not_open(
     second = asyncio.Event()
     never = asyncio.Event()
 
-    async def connect(*args: object, **kwargs: object) -> asyncpg.Connection:
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
         if made:  # the second connection of min_size 3
             second.set()
             if outcome == "fails":
                 raise ConnectionRefusedError("refused by the test")
             await never.wait()
-        conn = await asyncpg.connect(*args, **kwargs)  # type: ignore[arg-type]
+        conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
         made.append(conn)
         return conn
 
