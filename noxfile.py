@@ -45,6 +45,17 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """The soak test for longer than the 60 s the tests session gives it (not run by
+    default): ``nox -s soak`` runs 10 minutes, ``nox -s soak -- 3600`` an hour."""
+    session.install("-e", PROJECT, *nox.project.dependency_groups(PYPROJECT, "test"))
+    seconds = session.posargs[0] if session.posargs else "600"
+    session.run(
+        "pytest", "integration_tests/test_soak.py", env={"AIOHOTLOAD_SOAK_SECONDS": seconds}
+    )
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against a bare asyncpg pool (not run by default): benchmarks/run.py."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "bench"))
