@@ -23,6 +23,7 @@ __all__ = [
     "get_driver",
     "register_driver",
     "stop_connecting",
+    "terminate_pool",
     "unregister_driver",
 ]
 
@@ -63,6 +64,28 @@ def stop_connecting(pool: asyncpg.Pool) -> None:
         connect.stop()
 
 
+def terminate_pool(pool: asyncpg.Pool) -> None:
+    """Terminate *pool* at once: :meth:`asyncpg.Pool.terminate`, after
+    :func:`stop_connecting`, with one difference for work still running on it.
+
+    ``Connection.terminate()`` drops the connection's protocol object, so a query that was
+    between two steps when it ran fails with ``AttributeError: 'NoneType' object has no
+    attribute 'bind_execute'``, even on a connection the caller holds directly. Aborting
+    through the protocol instead (what ``terminate()`` does first) and keeping it makes such a
+    query fail with asyncpg's own ``InterfaceError: connection is closed``.
+    """
+    stop_connecting(pool)
+    for holder in getattr(pool, "_holders", ()):
+        con = getattr(holder, "_con", None)
+        protocol = getattr(con, "_protocol", None)
+        if con is None or protocol is None or not hasattr(con, "_aborted"):
+            continue  # not asyncpg's layout: Pool.terminate() below does it all
+        if not con.is_closed():
+            protocol.abort()
+        con._aborted = True  # so terminate() below keeps the protocol: see above
+    pool.terminate()
+
+
 class _StoppableConnect:
     """asyncpg's ``connect=`` for a pool: *connect*, until :meth:`stop` is called."""
 
@@ -88,14 +111,28 @@ class _StoppableConnect:
         try:
             await asyncio.wait((opening, self._stop), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the caller was cancelled
-            opening.cancel()  # asyncpg closes the socket of a cancelled connect
+            _abandon(opening)
             raise
-        if not opening.done():
-            opening.cancel()
-            # An abandoned attempt may still end with an error of its own: retrieve it, unlogged.
-            opening.add_done_callback(lambda t: t.cancelled() or t.exception())
+        # Stopped wins even over a connection made in the same instant: the pool it would
+        # go to is being terminated, and would never close it.
+        if self._stop.done():
+            _abandon(opening)
             raise asyncpg.InterfaceError("pool is closing: connection attempt abandoned")
         return opening.result()
+
+
+def _abandon(opening: asyncio.Future[asyncpg.Connection]) -> None:
+    """Give up a connection attempt: cancel it, or close the connection it made anyway."""
+    if not opening.done():
+        opening.cancel()  # asyncpg closes the socket of a cancelled connect
+    # Done now or later: a connection it made after all is closed, an error of its own is
+    # retrieved, unlogged.
+    opening.add_done_callback(_close_if_connected)
+
+
+def _close_if_connected(opening: asyncio.Future[asyncpg.Connection]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().terminate()
 
 
 def _coerce(item: object) -> Driver:

@@ -25,7 +25,7 @@ import asyncpg
 from anyio.abc import TaskGroup
 from asyncpg.pool import PoolConnectionProxy
 
-from .drivers import Driver, cancel_in_flight, get_driver, stop_connecting
+from .drivers import Driver, cancel_in_flight, get_driver, stop_connecting, terminate_pool
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted, SwapDone
 from .redact import redact_dsn, redact_text, secrets_of
@@ -232,8 +232,7 @@ class HotPool:
         self._closing = True
         for gen in [self._current, *self._retired]:
             if gen is not None:
-                stop_connecting(gen.pool)  # no caller keeps waiting on a connect
-                gen.pool.terminate()
+                terminate_pool(gen.pool)
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
         if self._stop is not None:
@@ -477,8 +476,7 @@ class HotPool:
         if self._tg is not None:
             self._tg.start_soon(self._drain, gen, force)
         else:  # the background task is gone (terminate); nothing can drain: stop it now
-            stop_connecting(gen.pool)
-            gen.pool.terminate()
+            terminate_pool(gen.pool)
             self._retired.discard(gen)
 
     async def _drain(self, gen: _Generation, force: bool) -> None:
@@ -491,7 +489,7 @@ class HotPool:
                 # server move to the new pool now (see stop_connecting).
                 stop_connecting(gen.pool)
                 terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
-                gen.pool.terminate()
+                terminate_pool(gen.pool)
             else:
                 # Expired connections are closed when released instead of going back idle.
                 await gen.pool.expire_connections()
@@ -502,7 +500,7 @@ class HotPool:
                 if scope.cancelled_caught:
                     stop_connecting(gen.pool)  # as for force_kill
                     terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
-                    gen.pool.terminate()
+                    terminate_pool(gen.pool)
                     logger.warning(
                         "generation %d (%s) did not drain within %gs: terminated %d "
                         "connection(s) still in use",
@@ -513,8 +511,7 @@ class HotPool:
                     )
         except Exception:
             logger.exception("draining generation %d failed; terminating it", gen.number)
-            stop_connecting(gen.pool)
-            gen.pool.terminate()
+            terminate_pool(gen.pool)
         finally:
             self._retired.discard(gen)
         seconds = time.perf_counter() - started
@@ -640,23 +637,9 @@ class HotPool:
         # Counting the caller out before the release completes is safe: a drain only closes
         # the pool once this count is 0, and asyncpg's close() waits for in-flight releases.
         gen.users -= 1
-        return self._release_current(con, gen, timeout)
-
-    async def _release_current(
-        self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
-    ) -> None:
-        # asyncpg resets a released connection. If the server dropped it meanwhile (shutdown,
-        # pg_terminate_backend, a cut network) the reset fails, asyncpg terminates it and
-        # raises. Raising that to the caller would report a query that succeeded (a committed
-        # write, then retried) as failed, or hide the query's own error: log it instead.
-        try:
-            await gen.pool.release(con, timeout=timeout)
-        except _RELEASE_ERRORS as exc:
-            logger.debug(
-                "releasing a connection of generation %d failed: %s",
-                gen.number,
-                type(exc).__name__,
-            )
+        # The release itself, not a wrapper coroutine: callers catch _RELEASE_ERRORS (see
+        # _release_failed), which costs nothing until one is raised.
+        return gen.pool.release(con, timeout=timeout)
 
     async def _release_retired(
         self, con: PoolConnectionProxy, gen: _Generation, timeout: float | None
@@ -704,7 +687,10 @@ class HotPool:
                 f"HotPool.release() received invalid connection: {connection!r} "
                 "is not a member of this pool"
             )
-        await self._checkin(connection, gen, timeout)
+        try:
+            await self._checkin(connection, gen, timeout)
+        except _RELEASE_ERRORS as exc:
+            _release_failed(gen, exc)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Execute an SQL command (or commands); see :meth:`asyncpg.Connection.execute`."""
@@ -714,7 +700,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def executemany(
         self, command: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
@@ -726,7 +715,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def fetch(
         self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
@@ -741,7 +733,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def fetchval(
         self, query: str, *args: Any, column: int = 0, timeout: float | None = None
@@ -753,7 +748,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def fetchrow(
         self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
@@ -765,7 +763,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def fetchmany(
         self,
@@ -786,7 +787,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def copy_from_table(
         self,
@@ -829,7 +833,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def copy_from_query(
         self,
@@ -869,7 +876,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def copy_to_table(
         self,
@@ -920,7 +930,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     async def copy_records_to_table(
         self,
@@ -947,7 +960,10 @@ class HotPool:
         except _BROKEN_MID_QUERY as exc:
             raise _terminated_mid_query(con, exc) from None
         finally:
-            await self._checkin(con, gen, None)
+            try:
+                await self._checkin(con, gen, None)
+            except _RELEASE_ERRORS as exc:
+                _release_failed(gen, exc)
 
     # ------------------------------------------------------------------ sizes and state
 
@@ -1119,7 +1135,10 @@ class _AcquireContext:
         if gen is None:  # released inside the block already
             await pool.release(con)
         else:
-            await pool._checkin(con, gen, None)
+            try:
+                await pool._checkin(con, gen, None)
+            except _RELEASE_ERRORS as error:
+                _release_failed(gen, error)
 
     def __await__(self) -> Generator[Any, None, PoolConnectionProxy]:
         self._done = True
@@ -1148,6 +1167,16 @@ def _stop_refilling(pool: asyncpg.Pool) -> None:
     """
     if hasattr(pool, "_minsize"):
         pool._minsize = 0
+
+
+def _release_failed(gen: _Generation, exc: BaseException) -> None:
+    """asyncpg resets a released connection. If the server dropped it meanwhile (shutdown,
+    pg_terminate_backend, a cut network) the reset fails, asyncpg terminates it and raises.
+    Raising that to the caller would report a query that succeeded (a committed write, then
+    retried) as failed, or hide the query's own error: log it instead."""
+    logger.debug(
+        "releasing a connection of generation %d failed: %s", gen.number, type(exc).__name__
+    )
 
 
 def _terminated_mid_query(con: PoolConnectionProxy, exc: Exception) -> BaseException:
