@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import asyncpg
@@ -26,7 +25,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from .drivers import Driver, cancel_in_flight, get_driver, stop_connecting
 from .errors import HotloadError
-from .events import Event, ForceKillDone, PoolDrained, SwapDone
+from .events import Event, ForceKillDone, PoolDrained, SwapDone, deliver, run_listener
 from .redact import redact_dsn
 from .reloader import Reloader
 from .url import HotloadURL, parse_url
@@ -392,25 +391,13 @@ class HotPool:
         return EventStream(self, max_queued)
 
     def _emit(self, event: Event) -> None:
-        for callback in list(self._listeners):
-            try:
-                result = callback(event)
-                if inspect.isawaitable(result):
-                    self._spawn(result)
-            except Exception:
-                logger.exception("aiohotload event listener %r failed", callback)
+        deliver(self._listeners, event, self._spawn)
 
     def _spawn(self, awaitable: Awaitable[object]) -> None:
-        async def run() -> None:
-            try:
-                await awaitable
-            except Exception:
-                logger.exception("aiohotload event listener failed")
-
         if self._tg is not None:
-            self._tg.start_soon(run)
+            self._tg.start_soon(run_listener, awaitable)
         else:
-            task = asyncio.ensure_future(run())
+            task = asyncio.ensure_future(run_listener(awaitable))
             self._stray.add(task)
             task.add_done_callback(self._stray.discard)
 
@@ -862,11 +849,22 @@ class HotPool:
         )
 
 
+class _EventSource(Protocol):
+    """What an :class:`EventStream` follows: a HotPool, or an engine."""
+
+    _closed: bool
+    _event_waiters: set[asyncio.Event]
+
+    def add_listener(self, callback: Callable[[Event], object]) -> None: ...
+
+    def remove_listener(self, callback: Callable[[Event], object]) -> None: ...
+
+
 class EventStream:
     """What :meth:`HotPool.events` returns: an async iterator of :data:`Event`, subscribed
     from its creation; ``aclose()`` (or leaving the loop early) unsubscribes."""
 
-    def __init__(self, pool: HotPool, max_queued: int) -> None:
+    def __init__(self, pool: _EventSource, max_queued: int) -> None:
         self._pool = pool
         self._queue: collections.deque[Event] = collections.deque(maxlen=max_queued)
         self._ready = asyncio.Event()
