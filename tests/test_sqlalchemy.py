@@ -1,0 +1,65 @@
+"""The SQLAlchemy engine without a server: construction, bad input, what it shows."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import aiohotload
+from aiohotload.sqlalchemy import HotEngine, create_async_engine
+
+
+def test_is_an_async_engine_without_a_dsn_of_its_own(tmp_path: Path) -> None:
+    engine = create_async_engine(
+        f"watchfiles://postgres{tmp_path}/dsn?drain_timeout=5s", name="orders", pool_size=3
+    )
+    assert isinstance(engine, HotEngine) and isinstance(engine, AsyncEngine)
+    # SQLAlchemy maps its sync engine back to this engine (AsyncConnection.engine, ...).
+    assert AsyncEngine._retrieve_proxy_for_target(engine.sync_engine) is engine
+    assert str(engine.url) == "postgresql+asyncpg://"
+    assert engine.sync_engine.pool.size() == 3  # type: ignore[attr-defined]
+    assert engine.name == "orders"
+    assert engine.hotload_url.drain_timeout == 5
+    assert engine.generation == 0
+    assert engine.target is None
+    assert engine.last_error is None
+    assert repr(engine) == (
+        f"<aiohotload.HotEngine watchfiles://postgres{tmp_path}/dsn generation=0 target=None idle>"
+    )
+
+
+def test_bad_input_fails_at_creation(tmp_path: Path) -> None:
+    with pytest.raises(aiohotload.UnknownStrategyError, match="nosuch"):
+        create_async_engine(f"nosuch://postgres{tmp_path}/dsn")
+    with pytest.raises(aiohotload.InvalidURLError, match="asyncpg"):
+        create_async_engine(f"watchfiles://mysql{tmp_path}/dsn")
+    with pytest.raises(aiohotload.InvalidOptionError, match="drain_timeout"):
+        create_async_engine(f"watchfiles://postgres{tmp_path}/dsn?drain_timeout=soon")
+    with pytest.raises(aiohotload.InvalidOptionError, match="async_creator"):
+        create_async_engine(f"watchfiles://postgres{tmp_path}/dsn", async_creator=object())
+    with pytest.raises(aiohotload.InvalidURLError) as info:
+        create_async_engine("postgresql+asyncpg://app:s3cret@db/app")
+    assert "s3cret" not in str(info.value)
+
+
+async def test_dispose_before_any_use_is_harmless(tmp_path: Path) -> None:
+    engine = create_async_engine(f"watchfiles://postgres{tmp_path}/dsn")
+    waiting = asyncio.ensure_future(engine.wait_for_swap())
+    await asyncio.sleep(0)
+    await engine.dispose()
+    with pytest.raises(aiohotload.HotloadError, match="disposed"):
+        await waiting
+    await engine.dispose()
+    assert "disposed" in repr(engine)
+    assert [event async for event in engine.events()] == []  # a disposed engine's stream ends
+
+
+async def test_missing_source_fails_start(tmp_path: Path) -> None:
+    engine = create_async_engine(f"watchfiles://postgres{tmp_path}/dsn")
+    with pytest.raises(aiohotload.SourceError, match="dsn"):
+        await engine.start()
+    assert engine.target is None
+    await engine.dispose()
