@@ -27,7 +27,8 @@ from aiohotload import (
 from aiohotload.sqlalchemy import HotEngine, create_async_engine
 
 from .conftest import RoleFactory
-from .pgserver import PgServer, Role
+from .pgserver import PgServer, Role, url_dsn
+from .tcpproxy import TcpProxy
 from .util import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -208,6 +209,72 @@ async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotation
     assert on_a and on_b
     for server in (pg_a, pg_b):
         await no_backends(server, user)
+
+
+async def test_sessions_waiting_for_a_full_pool_are_served_across_swaps(
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+) -> None:
+    """More sessions than connections: those waiting for one when a swap happens get one (a
+    slot freed by an old connection reconnects with the new DSN)."""
+    user, password = user_ab
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    engine = create_async_engine(url_for(dsn_file), pool_size=2, max_overflow=0)
+    done = 0
+    failures: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def worker() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(text("SELECT pg_sleep(0.002)"))
+                done += 1
+            except Exception as exc:
+                failures.append(exc)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(10)]
+    try:
+        for generation in range(1, 7):
+            target = done + 30
+            await wait_for(lambda target=target: done >= target, timeout=20)
+            server = pg_b if generation % 2 else pg_a
+            write_dsn(dsn_file, server.dsn(user, password))
+            await swapped_to(engine, generation)
+        target = done + 30
+        await wait_for(lambda: done >= target, timeout=20)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        await engine.dispose()
+    assert failures == []
+    for server in (pg_a, pg_b):
+        await no_backends(server, user)
+
+
+async def test_connecting_to_a_silent_old_server_moves_to_the_new_one(
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+) -> None:
+    """A session waiting for a new connection to the old server, which has stopped
+    answering, is given one to the new server when the swap happens."""
+    user, password = user_ab
+    async with TcpProxy(pg_a.host, pg_a.port) as proxy:
+        write_dsn(dsn_file, url_dsn("127.0.0.1", proxy.port, user, password))
+        engine = create_async_engine(url_for(dsn_file), pool_size=1)
+        try:
+            held = await engine.connect()
+            await held.execute(text("SELECT 1"))
+            proxy.mode = "blackhole"
+            waiting = asyncio.ensure_future(port_of(engine))  # needs a second connection
+            await wait_for(lambda: proxy.active, lambda n: n == 2, what="a connect in flight")
+            write_dsn(dsn_file, pg_b.dsn(user, password))
+            assert await asyncio.wait_for(waiting, timeout=10) == pg_b.port
+            proxy.mode = "pass"
+            await held.close()
+            await wait_for(lambda: proxy.active, lambda n: n == 0, timeout=10)
+        finally:
+            await engine.dispose()
+    await no_backends(pg_a, user)
 
 
 async def test_transaction_open_across_a_swap_commits_on_the_old_server(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import aiohotload
@@ -63,3 +65,38 @@ async def test_missing_source_fails_start(tmp_path: Path) -> None:
         await engine.start()
     assert engine.target is None
     await engine.dispose()
+
+
+class FakeRecord:
+    """What the pool events read of a connection record."""
+
+    def __init__(self, **info: object) -> None:
+        self.info: dict[str, object] = dict(info)
+        self.driver_connection = None
+        self.invalidated = 0
+
+    def invalidate(self) -> None:
+        self.invalidated += 1
+
+
+async def test_checkout_refuses_an_old_connection_once_unless_it_is_new(tmp_path: Path) -> None:
+    engine = create_async_engine(f"watchfiles://postgres{tmp_path}/dsn")
+    old = engine._new_generation("postgresql://a", 0.0)
+    engine._retire(old, force=False)  # no task group: forgotten at once
+    new = engine._new_generation("postgresql://b", 0.0)
+    stale = FakeRecord(**{"aiohotload.generation": old.number})
+    # An idle connection of a replaced DSN: SQLAlchemy is told to replace it.
+    with pytest.raises(DisconnectionError):
+        engine._on_checkout(None, stale, None)  # type: ignore[arg-type]
+    # A connection made just now is used once, whatever its DSN; the next checkin closes it.
+    stale.info["aiohotload.fresh"] = True
+    engine._on_checkout(None, stale, None)  # type: ignore[arg-type]
+    engine._on_checkin(object(), stale)  # type: ignore[arg-type]
+    assert stale.invalidated == 1
+    # One of the current DSN goes back to the pool.
+    current = FakeRecord(**{"aiohotload.generation": new.number})
+    engine._on_checkout(None, current, None)  # type: ignore[arg-type]
+    assert new.out == {cast(Any, current)}
+    engine._on_checkin(object(), current)  # type: ignore[arg-type]
+    assert current.invalidated == 0
+    assert new.idle == {cast(Any, current)} and not new.out
