@@ -187,6 +187,10 @@ class HotEngine(AsyncEngine):
                 self._starting = task
             try:
                 await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():  # by dispose(), not by our caller
+                    raise HotloadError("engine was disposed while starting") from None
+                raise
             finally:
                 if task.done() and self._starting is task:
                     self._starting = None

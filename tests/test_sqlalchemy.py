@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -100,3 +101,26 @@ async def test_checkout_refuses_an_old_connection_once_unless_it_is_new(tmp_path
     engine._on_checkin(object(), current)  # type: ignore[arg-type]
     assert current.invalidated == 0
     assert new.idle == {cast(Any, current)} and not new.out
+
+
+async def test_dispose_while_starting_ends_the_start_and_every_task() -> None:
+    started = asyncio.Event()
+
+    async def never(path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
+        started.set()
+        await asyncio.Event().wait()
+        yield "unreachable"  # pragma: no cover
+
+    aiohotload.register_strategy("never", never)
+    try:
+        before = asyncio.all_tasks()
+        engine = create_async_engine("never://postgres/x")
+        starting = asyncio.ensure_future(engine.start())
+        await asyncio.wait_for(started.wait(), 5)
+        await engine.dispose()
+        with pytest.raises(aiohotload.HotloadError, match="disposed while starting"):
+            await starting
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() - before - {asyncio.current_task()} == set()
+    finally:
+        aiohotload.unregister_strategy("never")
