@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -19,6 +19,7 @@ __all__ = [
     "Driver",
     "asyncpg_driver",
     "cancel_in_flight",
+    "cancel_queries",
     "driver_names",
     "get_driver",
     "register_driver",
@@ -183,23 +184,39 @@ async def cancel_in_flight(pool: asyncpg.Pool, timeout: float) -> int:
     request needs no login (it carries the backend's secret key), so it works after a password
     rotation too. Returns how many cancel requests were sent. Non-asyncpg pools are skipped.
     """
-    targets = []
+    connections = []
     for holder in getattr(pool, "_holders", ()):
         con = getattr(holder, "_con", None)
-        if con is None or con.is_closed() or getattr(holder, "_in_use", None) is None:
-            continue
+        if con is not None and getattr(holder, "_in_use", None) is not None:
+            connections.append(con)
+    return await cancel_queries(connections, timeout)
+
+
+def cancel_queries(connections: Iterable[asyncpg.Connection], timeout: float) -> Awaitable[int]:
+    """Ask the server to cancel whatever each of *connections* is running (see
+    :func:`cancel_in_flight`); await the result for how many requests were sent.
+
+    What each request needs is read at the call, so the connections may be terminated before
+    the result is awaited. Closed connections are skipped.
+    """
+    targets = []
+    for con in connections:
         protocol = getattr(con, "_protocol", None)
-        if protocol is None:
+        if con.is_closed() or protocol is None:
             continue
         targets.append(
             connect_utils._cancel(  # type: ignore[attr-defined]
                 loop=asyncio.get_running_loop(),
-                addr=con._addr,
-                params=con._params,
+                addr=con._addr,  # type: ignore[attr-defined]
+                params=con._params,  # type: ignore[attr-defined]
                 backend_pid=protocol.backend_pid,
                 backend_secret=protocol.backend_secret,
             )
         )
+    return _send_cancels(targets, timeout)
+
+
+async def _send_cancels(targets: list[Awaitable[object]], timeout: float) -> int:
     if not targets:
         return 0
     results: list[object] = []

@@ -6,7 +6,10 @@ messages. Subscribe with :meth:`HotPool.add_listener` or ``async for event in po
 
 from __future__ import annotations
 
+import inspect
+import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -16,7 +19,11 @@ __all__ = [
     "ReloadFailed",
     "ReloadStarted",
     "SwapDone",
+    "deliver",
+    "run_listener",
 ]
+
+logger = logging.getLogger("aiohotload")
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,27 @@ class ForceKillDone(_Base):
 
 
 Event = ReloadStarted | SwapDone | ReloadFailed | PoolDrained | ForceKillDone
+
+
+def deliver(
+    listeners: Iterable[Callable[[Event], object]],
+    event: Event,
+    spawn: Callable[[Awaitable[object]], None],
+) -> None:
+    """Call each of *listeners* with *event*; an awaitable result is handed to *spawn* (to run
+    it as a task). A listener that raises is logged and never affects the caller."""
+    for callback in list(listeners):
+        try:
+            result = callback(event)
+            if inspect.isawaitable(result):
+                spawn(result)
+        except Exception:
+            logger.exception("aiohotload event listener %r failed", callback)
+
+
+async def run_listener(awaitable: Awaitable[object]) -> None:
+    """Await what an ``async def`` listener returned, logging its error instead of raising."""
+    try:
+        await awaitable
+    except Exception:
+        logger.exception("aiohotload event listener failed")

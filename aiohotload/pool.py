@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import asyncpg
@@ -26,10 +24,10 @@ from anyio.abc import TaskGroup
 from asyncpg.pool import PoolConnectionProxy
 
 from .drivers import Driver, cancel_in_flight, get_driver, stop_connecting, terminate_pool
-from .errors import DriverError, HotloadError, StrategyError
-from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted, SwapDone
-from .redact import redact_dsn, redact_text, secrets_of
-from .strategies import Strategy, get_strategy
+from .errors import HotloadError
+from .events import Event, ForceKillDone, PoolDrained, SwapDone, deliver, run_listener
+from .redact import redact_dsn
+from .reloader import Reloader
 from .url import HotloadURL, parse_url
 
 __all__ = ["HotPool", "create_pool"]
@@ -38,9 +36,6 @@ logger = logging.getLogger("aiohotload")
 
 CopyFormat = Literal["text", "csv", "binary"]
 
-# Retry delays after a failed reload: doubling from the first, capped, with jitter.
-_RETRY_FIRST = 0.25
-_RETRY_MAX = 15.0
 # Bound on sending cancel requests to an old server during a force kill.
 _CANCEL_TIMEOUT = 5.0
 # Bound on closing a released connection of an old pool (its server may have gone silent).
@@ -101,10 +96,19 @@ class HotPool:
     def __init__(self, url: str, *, name: str | None = None, **pool_kwargs: Any) -> None:
         """See :func:`create_pool`."""
         self._url: HotloadURL = parse_url(url)
-        self._strategy: Strategy = get_strategy(self._url.strategy)
+        self._name = name if name is not None else self._url.path
+        # Runs the strategy, opens each new DSN's pool and calls _swap with it.
+        self._reloader: Reloader[asyncpg.Pool] = Reloader(
+            self._url,
+            name=self._name,
+            open=self._open_pool,
+            close=terminate_pool,
+            swap=self._swap,
+            serving=lambda: self._current,
+            emit=self._emit,
+        )
         self._driver: Driver = get_driver(self._url.driver)
         self._pool_kwargs = pool_kwargs
-        self._name = name if name is not None else self._url.path
         self._listeners: list[Callable[[Event], object]] = []
 
         self._current: _Generation | None = None
@@ -112,14 +116,9 @@ class HotPool:
         self._generation = 0
         self._owners: dict[PoolConnectionProxy, _Generation] = {}
 
-        self._wanted: str | None = None  # newest DSN from the strategy
-        self._wake: asyncio.Event | None = None
-        self._first: asyncio.Future[str] | None = None
         self._next_swap: asyncio.Future[int] | None = None
-        self._last_error: HotloadError | None = None
 
         self._tg: TaskGroup | None = None
-        self._watch_scope: anyio.CancelScope | None = None
         self._stop: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing_task: asyncio.Task[None] | None = None
@@ -141,33 +140,18 @@ class HotPool:
             raise asyncpg.InterfaceError("pool is closed")
         self._initializing = True
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._first = loop.create_future()
         self._next_swap = loop.create_future()
         self._runner = loop.create_task(self._run(), name=f"aiohotload:{self._url.strategy}")
         try:
-            with anyio.fail_after(self._url.connect_timeout):
-                dsn = await asyncio.shield(self._first)
-        except TimeoutError:
-            await self._abort_init()
-            raise StrategyError(
-                f"strategy {self._url.strategy!r} gave no DSN for {self._url.path!r} "
-                f"within {self._url.connect_timeout:g}s (connect_timeout)"
-            ) from None
-        except BaseException:
-            await self._abort_init()
-            raise
-        try:
-            pool, opened_in = await self._open(dsn)
+            dsn, pool, opened_in = await self._reloader.first()
         except BaseException:
             await self._abort_init()
             raise
         self._current = _Generation(0, pool, dsn, opened_in)
         self._initialized = True
         self._initializing = False
-        if self._wanted != dsn:  # the source changed while the first pool was opening
-            self._wake.set()
+        self._reloader.started(dsn)  # reloads at once if the source changed meanwhile
         logger.info(
             "pool opened on %s (generation 0, %.0f ms)", self._current.target, opened_in * 1000
         )
@@ -177,10 +161,7 @@ class HotPool:
         self._initializing = False
         self._closing = True
         self._closed = True
-        if self._first is not None and self._first.done() and not self._first.cancelled():
-            self._first.exception()  # mark retrieved
-        if self._watch_scope is not None:
-            self._watch_scope.cancel()
+        self._reloader.stop()
         if self._stop is not None:
             self._stop.set()
         if self._runner is not None:
@@ -214,8 +195,7 @@ class HotPool:
 
     async def _close(self) -> None:
         self._closing = True
-        if self._watch_scope is not None:
-            self._watch_scope.cancel()
+        self._reloader.stop()
         if self._current is not None:
             self._retire(self._current, force=False)
         if self._stop is not None:
@@ -233,6 +213,7 @@ class HotPool:
         for gen in [self._current, *self._retired]:
             if gen is not None:
                 terminate_pool(gen.pool)
+        self._reloader.stop()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
         if self._stop is not None:
@@ -260,7 +241,7 @@ class HotPool:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._watch_and_reload)
+                tg.start_soon(self._reloader.run)
                 assert self._stop is not None
                 await self._stop.wait()
                 # Leaving the task group waits for the drains started by close().
@@ -269,167 +250,9 @@ class HotPool:
         finally:
             self._tg = None
 
-    async def _watch_and_reload(self) -> None:
-        with anyio.CancelScope() as scope:
-            self._watch_scope = scope
-            if self._closing:
-                scope.cancel()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch)
-                tg.start_soon(self._reload_loop)
-
-    async def _watch(self) -> None:
-        """Run the strategy; restart it with backoff if it fails after the first value."""
-        failures = 0
-        while True:
-            try:
-                iterator = self._strategy.watch(self._url.path, self._url.options)
-                try:
-                    async for dsn in iterator:
-                        if failures and isinstance(self._last_error, StrategyError):
-                            self._last_error = None  # the restarted strategy works again
-                        failures = 0
-                        self._offer(dsn)
-                finally:
-                    aclose = getattr(iterator, "aclose", None)
-                    if aclose is not None:
-                        # Shielded so the strategy can release its watcher even when cancelled.
-                        with anyio.move_on_after(_CANCEL_TIMEOUT, shield=True):
-                            await aclose()
-                assert self._first is not None
-                if not self._first.done():
-                    self._first.set_exception(
-                        StrategyError(f"strategy {self._url.strategy!r} ended without a DSN")
-                    )
-                logger.debug("strategy %r finished; keeping the current DSN", self._url.strategy)
-                return
-            except Exception as exc:
-                assert self._first is not None
-                if not self._first.done():
-                    self._first.set_exception(exc)
-                    return
-                failures += 1
-                delay = _retry_delay(failures)
-                self._last_error = StrategyError(
-                    f"strategy {self._url.strategy!r} failed: {_describe(exc, ())}"
-                )
-                logger.warning(
-                    "strategy %r failed (attempt %d): %s; restarting in %.1fs",
-                    self._url.strategy,
-                    failures,
-                    _describe(exc, ()),
-                    delay,
-                )
-                await anyio.sleep(delay)
-
-    def _offer(self, dsn: str) -> None:
-        dsn = dsn.strip()
-        if not dsn:
-            return
-        assert self._first is not None and self._wake is not None
-        if not self._first.done():
-            self._wanted = dsn
-            self._first.set_result(dsn)
-            return
-        if dsn != self._wanted:
-            logger.debug("strategy offered a new DSN: %s", redact_dsn(dsn))
-            self._wanted = dsn
-            self._wake.set()
-
-    async def _reload_loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            failures = 0
-            while (dsn := self._wanted) is not None and self._current is not None:
-                if dsn == self._current.dsn:
-                    self._last_error = None
-                    break
-                self._emit(
-                    ReloadStarted(
-                        self._name,
-                        target=redact_dsn(dsn),
-                        attempt=failures + 1,
-                        generation=self._current.number,
-                    )
-                )
-                try:
-                    opened = await self._open_unless_superseded(dsn)
-                except Exception as exc:
-                    failures += 1
-                    delay = _retry_delay(failures)
-                    error = _reload_error(exc, dsn)
-                    self._last_error = error
-                    self._emit(
-                        ReloadFailed(
-                            self._name,
-                            target=redact_dsn(dsn),
-                            error=str(error),
-                            attempt=failures,
-                            retry_in=delay,
-                            generation=self._current.number,
-                        )
-                    )
-                    logger.warning(
-                        "reload failed (attempt %d): %s; still serving generation %d (%s); "
-                        "retrying in %.1fs",
-                        failures,
-                        error,
-                        self._current.number,
-                        self._current.target,
-                        delay,
-                    )
-                    with anyio.move_on_after(delay):
-                        await self._wake.wait()
-                    if self._wake.is_set():
-                        self._wake.clear()
-                        if self._wanted != dsn:
-                            failures = 0
-                    continue
-                if opened is None:
-                    continue  # a newer DSN arrived while opening; go again with it
-                pool, opened_in = opened
-                self._swap(dsn, pool, opened_in)
-                break
-
-    async def _open_unless_superseded(self, dsn: str) -> tuple[asyncpg.Pool, float] | None:
-        """Open a pool on *dsn*, or return None if a different DSN arrives meanwhile."""
-        assert self._wake is not None
-        opening = asyncio.ensure_future(self._open(dsn))
-        while True:
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({opening, waker}, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                waker.cancel()
-                await _cancel_and_close(opening)
-                raise
-            waker.cancel()
-            if opening.done():
-                return opening.result()
-            self._wake.clear()
-            if self._wanted != dsn:
-                logger.info("reload to %s superseded by a newer DSN", redact_dsn(dsn))
-                await _cancel_and_close(opening)
-                return None
-
-    async def _open(self, dsn: str) -> tuple[asyncpg.Pool, float]:
-        """Open an inner pool on *dsn*, bounded by ``connect_timeout``, with errors redacted."""
-        started = time.perf_counter()
-        try:
-            with anyio.fail_after(self._url.connect_timeout):
-                pool = await self._driver(dsn, **self._pool_kwargs)
-        except TimeoutError:
-            raise DriverError(
-                f"could not open a pool on {redact_dsn(dsn)} within "
-                f"{self._url.connect_timeout:g}s (connect_timeout)"
-            ) from None
-        except HotloadError:
-            raise
-        except Exception as exc:
-            raise _reload_error(exc, dsn) from None
-        return pool, time.perf_counter() - started
+    async def _open_pool(self, dsn: str) -> asyncpg.Pool:
+        """Open an inner pool on *dsn* (the reloader bounds it and redacts its errors)."""
+        return await self._driver(dsn, **self._pool_kwargs)
 
     # ------------------------------------------------------------------ the swap state machine
 
@@ -439,7 +262,6 @@ class HotPool:
         self._generation += 1
         new = _Generation(self._generation, pool, dsn, opened_in)
         self._current = new
-        self._last_error = None
         logger.info(
             "swapped to generation %d: %s -> %s (new pool opened in %.0f ms, old one %s)",
             new.number,
@@ -566,25 +388,13 @@ class HotPool:
         return EventStream(self, max_queued)
 
     def _emit(self, event: Event) -> None:
-        for callback in list(self._listeners):
-            try:
-                result = callback(event)
-                if inspect.isawaitable(result):
-                    self._spawn(result)
-            except Exception:
-                logger.exception("aiohotload event listener %r failed", callback)
+        deliver(self._listeners, event, self._spawn)
 
     def _spawn(self, awaitable: Awaitable[object]) -> None:
-        async def run() -> None:
-            try:
-                await awaitable
-            except Exception:
-                logger.exception("aiohotload event listener failed")
-
         if self._tg is not None:
-            self._tg.start_soon(run)
+            self._tg.start_soon(run_listener, awaitable)
         else:
-            task = asyncio.ensure_future(run())
+            task = asyncio.ensure_future(run_listener(awaitable))
             self._stray.add(task)
             task.add_done_callback(self._stray.discard)
 
@@ -1003,7 +813,7 @@ class HotPool:
     @property
     def last_error(self) -> HotloadError | None:
         """Why the newest DSN is not in use yet (redacted), or None if it is."""
-        return self._last_error
+        return self._reloader.last_error
 
     @property
     def draining(self) -> int:
@@ -1055,11 +865,22 @@ class HotPool:
         )
 
 
+class _EventSource(Protocol):
+    """What an :class:`EventStream` follows: a HotPool, or an engine."""
+
+    _closed: bool
+    _event_waiters: set[asyncio.Event]
+
+    def add_listener(self, callback: Callable[[Event], object]) -> None: ...
+
+    def remove_listener(self, callback: Callable[[Event], object]) -> None: ...
+
+
 class EventStream:
     """What :meth:`HotPool.events` returns: an async iterator of :data:`Event`, subscribed
     from its creation; ``aclose()`` (or leaving the loop early) unsubscribes."""
 
-    def __init__(self, pool: HotPool, max_queued: int) -> None:
+    def __init__(self, pool: _EventSource, max_queued: int) -> None:
         self._pool = pool
         self._queue: collections.deque[Event] = collections.deque(maxlen=max_queued)
         self._ready = asyncio.Event()
@@ -1198,33 +1019,3 @@ def _terminated_mid_query(con: PoolConnectionProxy, exc: Exception) -> BaseExcep
             "connection was closed in the middle of operation"
         )
     return exc
-
-
-def _retry_delay(failures: int) -> float:
-    base = min(_RETRY_MAX, _RETRY_FIRST * 2.0 ** min(failures - 1, 16))
-    return base * random.uniform(0.8, 1.2)
-
-
-def _describe(exc: BaseException, secrets: Sequence[str]) -> str:
-    message = str(exc)
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return redact_text(text, list(secrets))
-
-
-def _reload_error(exc: BaseException, dsn: str) -> HotloadError:
-    if isinstance(exc, HotloadError):
-        return exc
-    return DriverError(
-        f"could not open a pool on {redact_dsn(dsn)}: {_describe(exc, secrets_of(dsn))}"
-    )
-
-
-async def _cancel_and_close(opening: asyncio.Future[tuple[asyncpg.Pool, float]]) -> None:
-    """Stop an attempt to open a pool; terminate the pool if it opened anyway."""
-    if not opening.done():
-        opening.cancel()
-    with anyio.CancelScope(shield=True):
-        results = await asyncio.gather(opening, return_exceptions=True)
-    result = results[0]
-    if isinstance(result, tuple):
-        result[0].terminate()

@@ -1,4 +1,5 @@
-"""aiohotload benchmarks: HotPool against a bare asyncpg pool, side by side in one process.
+"""aiohotload benchmarks: HotPool against a bare asyncpg pool (and the SQLAlchemy engine
+against a plain one), side by side in one process.
 
 Each comparison runs the two interleaved round by round (A, B, A, B, ...) against the same
 throwaway PostgreSQL servers and reports medians and the ratio, because this machine is
@@ -196,6 +197,55 @@ async def bench_overhead(a: PgServer, args: argparse.Namespace, tmp: Path) -> di
     finally:
         await hot.close()
         await bare.close()
+    return out
+
+
+async def op_session_select1(engine: Any) -> object:
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async with AsyncSession(engine) as session:
+        return (await session.execute(select(1))).scalar_one()
+
+
+async def op_engine_begin(engine: Any) -> object:
+    from sqlalchemy import text
+
+    async with engine.begin() as conn:
+        return (await conn.execute(text("SELECT 1"))).scalar_one()
+
+
+async def bench_sqlalchemy(a: PgServer, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """aiohotload.sqlalchemy's engine against a plain create_async_engine, same server."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from aiohotload.sqlalchemy import create_async_engine as create_hot_engine
+
+    path = tmp / "sqlalchemy.dsn"
+    write_atomic(path, a.dsn("bench", "bench-pw"))
+    size = 8
+    bare = create_async_engine(
+        f"postgresql+asyncpg://bench:bench-pw@{a.host}:{a.port}/postgres",
+        pool_size=size,
+        max_overflow=0,
+    )
+    hot = create_hot_engine(f"watchfiles://postgres{path}", pool_size=size, max_overflow=0)
+    out: dict[str, Any] = {}
+    try:
+        for name, op in (
+            ("session_select1", op_session_select1),
+            ("begin_select1", op_engine_begin),
+        ):
+            out[name] = await interleaved(
+                bare, hot, op, workers=args.workers, rounds=args.rounds, seconds=args.seconds
+            )
+            print(
+                f"  {name:16s} plain {out[name]['bare_ops_s']:8.0f}/s  "
+                f"hot {out[name]['hot_ops_s']:9.0f}/s  ratio {out[name]['ratio']:.3f}"
+            )
+    finally:
+        await hot.dispose()
+        await bare.dispose()
     return out
 
 
@@ -432,7 +482,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--only", nargs="*", default=None, help="overhead switch during many")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="overhead sqlalchemy switch during many"
+    )
     args = parser.parse_args()
     args.workers = 16
     args.rounds = 4 if args.quick else 12
@@ -440,7 +492,7 @@ async def main() -> None:
     args.switches = 10 if args.quick else 50
     args.during_swaps = 3 if args.quick else 10
     args.pool_counts = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
-    only = set(args.only or ["overhead", "switch", "during", "many"])
+    only = set(args.only or ["overhead", "sqlalchemy", "switch", "during", "many"])
 
     with tempfile.TemporaryDirectory(prefix="aiohotload-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -465,6 +517,9 @@ async def main() -> None:
             if "overhead" in only:
                 print("1-2. overhead against a bare asyncpg pool (16 workers, pools of 8)")
                 results["overhead"] = await bench_overhead(a, args, tmp)
+            if "sqlalchemy" in only:
+                print("2b. sqlalchemy engine against a plain create_async_engine (pools of 8)")
+                results["sqlalchemy_engine"] = await bench_sqlalchemy(a, args, tmp)
             if "switch" in only:
                 print("3. switch latency")
                 results["switch"] = await bench_switch(a, b, args, tmp)

@@ -20,6 +20,7 @@ import aiohotload
 from .apps import ROOT, child_env, exited_cleanly, uvicorn, write_dsn
 from .conftest import RoleFactory
 from .pgserver import PgServer
+from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,6 +56,51 @@ async def test_fastapi_app_answers_healthz_and_stops_on_ctrl_c(
     assert "pool closed" in log
     assert password not in log
     assert quote(password, safe="") not in log
+
+
+async def test_fastapi_sqlalchemy_app_follows_a_change_and_disposes_on_ctrl_c(
+    pg_a: PgServer, pg_b: PgServer, role: RoleFactory, tmp_path: Path
+) -> None:
+    user, password = await role(pg_a)
+    await role(pg_b, name=user, password=password)
+    (tmp_path / "secret").mkdir()
+    dsn_file = tmp_path / "secret" / "dsn"
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        uvicorn(
+            "examples.fastapi_sqlalchemy:app",
+            tmp_path / "uvicorn.log",
+            client,
+            AIOHOTLOAD_URL=f"watchfiles://postgres{quote(str(dsn_file))}",
+        ) as server,
+    ):
+        health = (await client.get(server.url + "/healthz")).json()
+        before = (await client.get(server.url + "/")).json()
+        write_dsn(dsn_file, pg_b.dsn(user, password))
+        after = await wait_for(
+            lambda: client.get(server.url + "/"),
+            lambda r: r.json()["port"] == pg_b.port,
+            timeout=10,
+            what="/ answered by server B",
+        )
+        returncode = await server.stop(signal.SIGINT)
+    assert health == {
+        "generation": 0,
+        "target": f"postgresql://{user}:********@127.0.0.1:{pg_a.port}/postgres",
+        "last_error": None,
+        "draining": 0,
+    }
+    assert before == {"port": pg_a.port, "user": user, "generation": 0}
+    assert after.json() == {"port": pg_b.port, "user": user, "generation": 1}
+    log = server.output
+    assert exited_cleanly(returncode, signal.SIGINT), (returncode, log)
+    assert "swapped to generation 1" in log
+    assert "engine stopped following" in log
+    assert password not in log
+    assert quote(password, safe="") not in log
+    for server_ in (pg_a, pg_b):
+        await wait_for(lambda s=server_: s.backends(usename=user), lambda rows: not rows)
 
 
 async def test_custom_strategy_script_queries_and_follows_a_change(
