@@ -17,6 +17,7 @@ from .errors import RegistryError, UnknownDriverError
 
 __all__ = [
     "Driver",
+    "abandon_connect",
     "asyncpg_driver",
     "cancel_in_flight",
     "cancel_queries",
@@ -112,18 +113,19 @@ class _StoppableConnect:
         try:
             await asyncio.wait((opening, self._stop), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the caller was cancelled
-            _abandon(opening)
+            abandon_connect(opening)
             raise
         # Stopped wins even over a connection made in the same instant: the pool it would
         # go to is being terminated, and would never close it.
         if self._stop.done():
-            _abandon(opening)
+            abandon_connect(opening)
             raise asyncpg.InterfaceError("pool is closing: connection attempt abandoned")
         return opening.result()
 
 
-def _abandon(opening: asyncio.Future[asyncpg.Connection]) -> None:
-    """Give up a connection attempt: cancel it, or close the connection it made anyway."""
+def abandon_connect(opening: asyncio.Future[asyncpg.Connection]) -> None:
+    """Give up a connection attempt (a task running ``asyncpg.connect``): cancel it, or close
+    the connection it made anyway, also when it completes in the same instant."""
     if not opening.done():
         opening.cancel()  # asyncpg closes the socket of a cancelled connect
     # Done now or later: a connection it made after all is closed, an error of its own is

@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sqlalchemy_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from .drivers import cancel_queries
+from .drivers import abandon_connect, cancel_queries
 from .dsn import is_key_value, key_value_to_url
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
 from .events import Event, ForceKillDone, PoolDrained, SwapDone, deliver, run_listener
@@ -415,13 +415,12 @@ class HotEngine(AsyncEngine):
             try:
                 await asyncio.wait((opening, gen.retiring), return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
-                opening.cancel()  # asyncpg closes the socket of a cancelled connect
+                abandon_connect(opening)
                 raise
-            if opening.done():
+            if not gen.retiring.done():
                 break
             # Retired while connecting (the old server may not even answer): use the new DSN.
-            opening.cancel()
-            opening.add_done_callback(_retrieve)
+            abandon_connect(opening)
             gen = await self._started()
         try:
             conn: asyncpg.Connection = opening.result()
