@@ -1,4 +1,5 @@
-"""Prometheus metrics for :class:`~aiohotload.HotPool`: a collector you register yourself.
+"""Prometheus metrics for :class:`~aiohotload.HotPool` (and the SQLAlchemy engine): a
+collector you register yourself.
 
 Install the extra (``pip install 'aiohotload[prometheus]'``), then::
 
@@ -7,7 +8,7 @@ Install the extra (``pip install 'aiohotload[prometheus]'``), then::
 
     collector = HotloadCollector()
     REGISTRY.register(collector)  # or any CollectorRegistry
-    collector.track(pool)
+    collector.track(pool)  # a HotPool, or an aiohotload.sqlalchemy engine
 
 Importing this module registers nothing. Every series carries the label ``pool`` (the pool's
 :attr:`~aiohotload.HotPool.name`) and never a DSN. A pool's series disappear when it is
@@ -20,8 +21,8 @@ import bisect
 import math
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, Protocol
 
 try:
     from prometheus_client.metrics_core import (
@@ -36,11 +37,10 @@ except ImportError as exc:
         "aiohotload.metrics needs prometheus-client: pip install 'aiohotload[prometheus]'"
     ) from exc
 
-from .errors import RegistryError
+from .errors import HotloadError, RegistryError
 from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, SwapDone
-from .pool import HotPool
 
-__all__ = ["DEFAULT_DRAIN_BUCKETS", "DEFAULT_RELOAD_BUCKETS", "HotloadCollector"]
+__all__ = ["DEFAULT_DRAIN_BUCKETS", "DEFAULT_RELOAD_BUCKETS", "HotloadCollector", "Trackable"]
 
 #: Histogram buckets (seconds) for opening the new inner pool of a swap; connect_timeout is 10s
 #: by default.
@@ -52,6 +52,25 @@ DEFAULT_DRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 # for connections still busy at its drain timeout, so that value keeps its meaning here.
 _DRAIN_TIMEOUT = "timeout"
 _FORCE_KILL = "force_kill"
+
+
+class Trackable(Protocol):
+    """What the collector reads from a pool: :class:`~aiohotload.HotPool` and
+    :class:`~aiohotload.sqlalchemy.HotEngine` both are."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def draining(self) -> int: ...
+    @property
+    def last_error(self) -> HotloadError | None: ...
+    def add_listener(self, callback: Callable[[Event], object]) -> None: ...
+    def remove_listener(self, callback: Callable[[Event], object]) -> None: ...
+    def get_size(self) -> int: ...
+    def get_idle_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
 
 
 class _Histogram:
@@ -95,7 +114,7 @@ class _Tracked:
 
     def __init__(
         self,
-        pool: HotPool,
+        pool: Trackable,
         reload_buckets: Sequence[float],
         drain_buckets: Sequence[float],
         lock: threading.Lock,
@@ -154,7 +173,7 @@ class HotloadCollector(Collector):
         self._lock = threading.Lock()
         self._tracked: list[_Tracked] = []
 
-    def track(self, pool: HotPool) -> None:
+    def track(self, pool: Trackable) -> None:
         """Export *pool*'s metrics from now on; a no-op if it is tracked already.
 
         Raises :class:`~aiohotload.RegistryError` if another open tracked pool has the same
@@ -175,7 +194,7 @@ class HotloadCollector(Collector):
             self._tracked.append(tracked)
             pool.add_listener(tracked.listener)
 
-    def untrack(self, pool: HotPool) -> None:
+    def untrack(self, pool: Trackable) -> None:
         """Stop exporting *pool*'s metrics and drop its counters; no error if not tracked."""
         with self._lock:
             found = [t for t in self._tracked if t.ref() is pool]

@@ -43,7 +43,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sqlalchemy_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from .drivers import abandon_connect, cancel_queries
 from .dsn import is_key_value, key_value_to_url
@@ -543,6 +543,22 @@ class HotEngine(AsyncEngine):
     def draining(self) -> int:
         """How many old generations still have connections being drained."""
         return sum(1 for gen in self._generations.values() if gen.retired)
+
+    def get_size(self) -> int:
+        """Connections the engine's pool holds now, idle and checked out, of every generation
+        (for metrics, as :meth:`HotPool.get_size`)."""
+        pool = self.sync_engine.pool
+        return pool.checkedin() + pool.checkedout() if isinstance(pool, QueuePool) else 0
+
+    def get_idle_size(self) -> int:
+        """Connections idle in the engine's pool (as :meth:`HotPool.get_idle_size`)."""
+        pool = self.sync_engine.pool
+        return pool.checkedin() if isinstance(pool, QueuePool) else 0
+
+    def is_closing(self) -> bool:
+        """Always False: a disposed engine starts again when next used, as SQLAlchemy's
+        engines reconnect (metrics keep tracking it until it is garbage-collected)."""
+        return False
 
     @property
     def hotload_url(self) -> HotloadURL:

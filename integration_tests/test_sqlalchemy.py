@@ -588,3 +588,47 @@ async def test_no_password_in_logs_errors_repr_or_events(
     assert any("swapped" in t for t in texts)
     for text_ in texts:
         assert password not in text_
+
+
+async def test_prometheus_collector_tracks_the_engine(
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from aiohotload.metrics import HotloadCollector
+
+    def scrape() -> dict[str, float]:
+        text_ = generate_latest(registry).decode()
+        assert user_ab.password not in text_
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text_)
+            for s in family.samples
+            if s.labels.get("pool") == "orders" and not s.name.endswith(("_bucket", "_created"))
+        }
+
+    user, password = user_ab
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    registry = CollectorRegistry()
+    collector = HotloadCollector()
+    registry.register(collector)
+    engine = create_async_engine(url_for(dsn_file), name="orders", pool_size=3)
+    try:
+        collector.track(engine)
+        async with AsyncSession(engine) as session:
+            assert await session.scalar(text("SELECT 1")) == 1
+            before = scrape()
+            assert before["hotload_pool_connections"] == 1  # checked out by this session
+            assert before["hotload_pool_idle_connections"] == 0
+        assert scrape()["hotload_pool_idle_connections"] == 1
+        assert before["hotload_change_total"] == 0
+        write_dsn(dsn_file, pg_b.dsn(user, password))
+        await swapped_to(engine, 1)
+        assert await port_of(engine) == pg_b.port
+        after = scrape()
+        assert after["hotload_change_total"] == 1
+        assert after["hotload_epoch"] == 1
+        assert after["hotload_reload_failing"] == 0
+    finally:
+        await engine.dispose()
