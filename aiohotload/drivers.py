@@ -82,9 +82,9 @@ def terminate_pool(pool: asyncpg.Pool) -> None:
         protocol = getattr(con, "_protocol", None)
         if con is None or protocol is None or not hasattr(con, "_aborted"):
             continue  # not asyncpg's layout: Pool.terminate() below does it all
-        if not con.is_closed():
-            protocol.abort()
-        con._aborted = True  # so terminate() below keeps the protocol: see above
+        if not con._aborted:
+            protocol.abort()  # also drops the socket of a connection in a graceful close
+            con._aborted = True  # so terminate() below keeps the protocol: see above
     pool.terminate()
 
 
