@@ -31,6 +31,9 @@ __all__ = [
 
 logger = logging.getLogger("aiohotload")
 
+#: Bound on sending cancel requests to an old server (force kill, drain timeout).
+CANCEL_TIMEOUT = 5.0
+
 
 @runtime_checkable
 class Driver(Protocol):
@@ -178,7 +181,7 @@ register_driver("postgres", asyncpg_driver)
 register_driver("postgresql", asyncpg_driver)
 
 
-async def cancel_in_flight(pool: asyncpg.Pool, timeout: float) -> int:
+async def cancel_in_flight(pool: asyncpg.Pool, timeout: float = CANCEL_TIMEOUT) -> int:
     """Ask the server to cancel whatever each checked-out connection of *pool* is running.
 
     Closing a socket does not stop a query: the backend notices only when it next writes, so
@@ -194,7 +197,9 @@ async def cancel_in_flight(pool: asyncpg.Pool, timeout: float) -> int:
     return await cancel_queries(connections, timeout)
 
 
-def cancel_queries(connections: Iterable[asyncpg.Connection], timeout: float) -> Awaitable[int]:
+def cancel_queries(
+    connections: Iterable[asyncpg.Connection], timeout: float = CANCEL_TIMEOUT
+) -> Awaitable[int]:
     """Ask the server to cancel whatever each of *connections* is running (see
     :func:`cancel_in_flight`); await the result for how many requests were sent.
 

@@ -25,9 +25,9 @@ from asyncpg.pool import PoolConnectionProxy
 
 from .drivers import Driver, cancel_in_flight, get_driver, stop_connecting, terminate_pool
 from .errors import HotloadError
-from .events import Event, ForceKillDone, PoolDrained, SwapDone, deliver, run_listener
+from .events import Event, SwapDone, deliver, run_listener
 from .redact import redact_dsn
-from .reloader import Reloader
+from .reloader import Reloader, report_drain
 from .url import HotloadURL, parse_url
 
 __all__ = ["HotPool", "create_pool"]
@@ -36,8 +36,6 @@ logger = logging.getLogger("aiohotload")
 
 CopyFormat = Literal["text", "csv", "binary"]
 
-# Bound on sending cancel requests to an old server during a force kill.
-_CANCEL_TIMEOUT = 5.0
 # Bound on closing a released connection of an old pool (its server may have gone silent).
 _RELEASE_TIMEOUT = 5.0
 # What asyncpg raises when a query starts on a connection that was just cut off under it:
@@ -304,14 +302,11 @@ class HotPool:
     async def _drain(self, gen: _Generation, force: bool) -> None:
         started = time.perf_counter()
         terminated = 0
+        timed_out = None
         try:
             if force:
                 _stop_refilling(gen.pool)
-                # Before the cancel requests: callers waiting on a new connection to the old
-                # server move to the new pool now (see stop_connecting).
-                stop_connecting(gen.pool)
-                terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
-                terminate_pool(gen.pool)
+                terminated = await self._kill(gen)
             else:
                 # Expired connections are closed when released instead of going back idle.
                 await gen.pool.expire_connections()
@@ -320,46 +315,32 @@ class HotPool:
                     await gen.idle.wait()
                     await gen.pool.close()
                 if scope.cancelled_caught:
-                    stop_connecting(gen.pool)  # as for force_kill
-                    terminated = await cancel_in_flight(gen.pool, _CANCEL_TIMEOUT)
-                    terminate_pool(gen.pool)
-                    logger.warning(
-                        "generation %d (%s) did not drain within %gs: terminated %d "
-                        "connection(s) still in use",
-                        gen.number,
-                        gen.target,
-                        self._url.drain_timeout,
-                        terminated,
-                    )
+                    timed_out = self._url.drain_timeout
+                    terminated = await self._kill(gen)
         except Exception:
             logger.exception("draining generation %d failed; terminating it", gen.number)
             terminate_pool(gen.pool)
         finally:
             self._retired.discard(gen)
-        seconds = time.perf_counter() - started
-        logger.info(
-            "generation %d (%s) %s in %.0f ms",
-            gen.number,
-            gen.target,
-            "terminated" if force else "drained",
-            seconds * 1000,
+        report_drain(
+            self._emit,
+            self._name,
+            gen,
+            force=force,
+            seconds=time.perf_counter() - started,
+            terminated=terminated,
+            timed_out=timed_out,
         )
-        if force:
-            self._emit(
-                ForceKillDone(
-                    self._name, generation=gen.number, target=gen.target, cancelled=terminated
-                )
-            )
-        else:
-            self._emit(
-                PoolDrained(
-                    self._name,
-                    generation=gen.number,
-                    target=gen.target,
-                    seconds=seconds,
-                    terminated=terminated,
-                )
-            )
+
+    async def _kill(self, gen: _Generation) -> int:
+        """Terminate *gen*'s pool, cancelling on the server what its checked-out connections
+        run; returns how many cancel requests were sent."""
+        # Before the cancel requests: callers waiting on a new connection to the old server
+        # move to the new pool now (see stop_connecting).
+        stop_connecting(gen.pool)
+        terminated = await cancel_in_flight(gen.pool)
+        terminate_pool(gen.pool)
+        return terminated
 
     # ------------------------------------------------------------------ events
 

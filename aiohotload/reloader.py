@@ -21,12 +21,12 @@ from typing import Generic, Protocol, TypeVar
 import anyio
 
 from .errors import DriverError, HotloadError, StrategyError
-from .events import Event, ReloadFailed, ReloadStarted
+from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted
 from .redact import redact_dsn, redact_text, secrets_of
 from .strategies import Strategy, get_strategy
 from .url import HotloadURL
 
-__all__ = ["Reloader", "Serving"]
+__all__ = ["Reloader", "Serving", "report_drain"]
 
 logger = logging.getLogger("aiohotload")
 
@@ -331,3 +331,48 @@ async def _cancel_and_close(
     result = results[0]
     if isinstance(result, tuple):
         close(result[0])
+
+
+def report_drain(
+    emit: Callable[[Event], None],
+    name: str,
+    old: Serving,
+    *,
+    force: bool,
+    seconds: float,
+    terminated: int,
+    timed_out: float | None,
+) -> None:
+    """Log how the retired generation *old* ended and emit :class:`~aiohotload.ForceKillDone`
+    or :class:`~aiohotload.PoolDrained`: the end of every drain, HotPool's and the engine's.
+
+    timed_out: the ``drain_timeout`` if the drain ran into it (its *terminated* connections
+    were still in use), else None.
+    """
+    if timed_out is not None:
+        logger.warning(
+            "generation %d (%s) did not drain within %gs: terminated %d connection(s) still in use",
+            old.number,
+            old.target,
+            timed_out,
+            terminated,
+        )
+    logger.info(
+        "generation %d (%s) %s in %.0f ms",
+        old.number,
+        old.target,
+        "terminated" if force else "drained",
+        seconds * 1000,
+    )
+    if force:
+        emit(ForceKillDone(name, generation=old.number, target=old.target, cancelled=terminated))
+    else:
+        emit(
+            PoolDrained(
+                name,
+                generation=old.number,
+                target=old.target,
+                seconds=seconds,
+                terminated=terminated,
+            )
+        )

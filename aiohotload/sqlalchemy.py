@@ -48,10 +48,10 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 from .drivers import abandon_connect, cancel_queries
 from .dsn import is_key_value, key_value_to_url
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
-from .events import Event, ForceKillDone, PoolDrained, SwapDone, deliver, run_listener
+from .events import Event, SwapDone, deliver, run_listener
 from .pool import EventStream
 from .redact import redact_dsn, redact_text, secrets_of
-from .reloader import Reloader
+from .reloader import Reloader, report_drain
 from .strategies import get_strategy
 from .url import HotloadURL, parse_url
 
@@ -67,8 +67,6 @@ _RESERVED = ("async_creator", "creator")
 # since it was made" (a new connection is never refused at its first checkout).
 _GENERATION = "aiohotload.generation"
 _FRESH = "aiohotload.fresh"
-# Bound on sending cancel requests to an old server.
-_CANCEL_TIMEOUT = 5.0
 # Bound on closing the connection that validated a new DSN.
 _CLOSE_TIMEOUT = 5.0
 
@@ -337,6 +335,7 @@ class HotEngine(AsyncEngine):
     async def _drain(self, gen: _Generation, force: bool) -> None:
         started = time.perf_counter()
         terminated = 0
+        timed_out = None
         try:
             if force:
                 terminated = await self._kill(gen)
@@ -344,44 +343,22 @@ class HotEngine(AsyncEngine):
                 with anyio.move_on_after(self._hotload_url.drain_timeout) as scope:
                     await gen.drained.wait()
                 if scope.cancelled_caught:
+                    timed_out = self._hotload_url.drain_timeout
                     terminated = await self._kill(gen)
-                    logger.warning(
-                        "generation %d (%s) did not drain within %gs: terminated %d "
-                        "connection(s) still in use",
-                        gen.number,
-                        gen.target,
-                        self._hotload_url.drain_timeout,
-                        terminated,
-                    )
         except Exception:
             logger.exception("draining generation %d failed; terminating it", gen.number)
             await self._kill(gen)
         finally:
             self._generations.pop(gen.number, None)
-        seconds = time.perf_counter() - started
-        logger.info(
-            "generation %d (%s) %s in %.0f ms",
-            gen.number,
-            gen.target,
-            "terminated" if force else "drained",
-            seconds * 1000,
+        report_drain(
+            self._emit,
+            self._name,
+            gen,
+            force=force,
+            seconds=time.perf_counter() - started,
+            terminated=terminated,
+            timed_out=timed_out,
         )
-        if force:
-            self._emit(
-                ForceKillDone(
-                    self._name, generation=gen.number, target=gen.target, cancelled=terminated
-                )
-            )
-        else:
-            self._emit(
-                PoolDrained(
-                    self._name,
-                    generation=gen.number,
-                    target=gen.target,
-                    seconds=seconds,
-                    terminated=terminated,
-                )
-            )
 
     async def _kill(self, gen: _Generation) -> int:
         """Invalidate every connection of *gen* and cancel what the checked-out ones run on
@@ -390,7 +367,6 @@ class HotEngine(AsyncEngine):
         # Read before invalidating: the cancel requests need the connections' keys.
         cancelling = cancel_queries(
             [r.driver_connection for r in out if r.driver_connection is not None],
-            _CANCEL_TIMEOUT,
         )
         for record in [*out, *gen.idle]:
             # Closes its socket now (outside SQLAlchemy's greenlet, invalidation terminates):
