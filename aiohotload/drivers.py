@@ -12,7 +12,7 @@ import asyncpg
 from asyncpg import connect_utils
 
 from ._registry import Registry
-from .dsn import is_key_value, key_value_to_url
+from .dsn import as_url
 from .errors import RegistryError, UnknownDriverError
 
 __all__ = [
@@ -49,8 +49,7 @@ async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
     asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first. The pool's
     new connections can be abandoned with :func:`stop_connecting`.
     """
-    if is_key_value(dsn):
-        dsn = key_value_to_url(dsn)
+    dsn = as_url(dsn)
     connect = pool_kwargs.pop("connect", None) or asyncpg.connect
     return await asyncpg.create_pool(dsn, connect=_StoppableConnect(connect), **pool_kwargs)
 

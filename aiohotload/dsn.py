@@ -6,7 +6,7 @@ from urllib.parse import quote, urlencode
 
 from .errors import InvalidOptionError
 
-__all__ = ["is_key_value", "key_value_to_url", "parse_key_value"]
+__all__ = ["as_url", "is_key_value", "key_value_to_url", "parse_key_value"]
 
 # libpq keywords that have a place in the URL itself; the rest become query parameters.
 _URL_PARTS = frozenset({"host", "hostaddr", "port", "user", "password", "dbname"})
@@ -105,3 +105,8 @@ def key_value_to_url(dsn: str) -> str:
     netloc = userinfo + host
     path = "/" + quote(params["dbname"], safe="") if "dbname" in params else ""
     return "postgresql://" + netloc + path + ("?" + urlencode(query) if query else "")
+
+
+def as_url(dsn: str) -> str:
+    """*dsn* as asyncpg reads it (URLs only): a libpq key=value DSN becomes a URL."""
+    return key_value_to_url(dsn) if is_key_value(dsn) else dsn

@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _sqlalchemy_async_engi
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from .drivers import abandon_connect, cancel_queries
-from .dsn import is_key_value, key_value_to_url
+from .dsn import as_url
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
 from .events import Event, SwapDone, deliver, run_listener
 from .pool import EventStream
@@ -274,7 +274,7 @@ class HotEngine(AsyncEngine):
 
     async def _validate(self, dsn: str) -> None:
         """Connect once with *dsn* (the reloader bounds it and redacts errors)."""
-        conn = await asyncpg.connect(_asyncpg_dsn(dsn), **self._connect_args)
+        conn = await asyncpg.connect(as_url(dsn), **self._connect_args)
         try:
             await conn.close(timeout=_CLOSE_TIMEOUT)
         except Exception:
@@ -385,9 +385,7 @@ class HotEngine(AsyncEngine):
         """The engine's ``async_creator``: a connection with the current DSN."""
         gen = await self._started()
         while True:
-            opening = asyncio.ensure_future(
-                asyncpg.connect(_asyncpg_dsn(gen.dsn), **self._connect_args)
-            )
+            opening = asyncio.ensure_future(asyncpg.connect(as_url(gen.dsn), **self._connect_args))
             try:
                 await asyncio.wait((opening, gen.retiring), return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
@@ -573,11 +571,6 @@ def create_async_engine(url: str, *, name: str | None = None, **engine_kwargs: A
     (or :meth:`HotEngine.start`).
     """
     return HotEngine(url, name=name, **engine_kwargs)
-
-
-def _asyncpg_dsn(dsn: str) -> str:
-    """*dsn* as asyncpg reads it: libpq key=value DSNs become URLs."""
-    return key_value_to_url(dsn) if is_key_value(dsn) else dsn
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
