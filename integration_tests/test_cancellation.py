@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -15,16 +14,11 @@ import aiohotload
 from aiohotload import HotPool
 
 from .conftest import RoleFactory
+from .faults import write_dsn
 from .pgserver import PgServer
 from .util import wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn)
-    os.replace(tmp, path)
 
 
 def generation_is(number: int) -> Callable[[HotPool], bool]:

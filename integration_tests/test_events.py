@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,11 @@ from aiohotload import (
 )
 
 from .conftest import RoleFactory
+from .faults import write_dsn
 from .pgserver import PgServer
 from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn)
-    os.replace(tmp, path)
 
 
 async def test_swap_failure_and_drain_events(

@@ -6,7 +6,6 @@ in-memory exporter; neither, nor any event, may carry a password.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,13 @@ from aiohotload.metrics import HotloadCollector
 from aiohotload.tracing import instrument
 
 from .conftest import RoleFactory
+from .faults import write_dsn
 from .pgserver import PgServer
 from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 NAME = "orders"
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    """Replace the DSN file atomically, as config tools do."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn)
-    os.replace(tmp, path)
 
 
 class Scrape:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,25 +15,13 @@ import pytest
 import aiohotload
 from aiohotload import HotPool
 
+from .faults import port_of, url_for, write_dsn
 from .pgserver import PgServer
 from .util import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 RoleFactory = Callable[..., Awaitable[tuple[str, str]]]
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    """Replace the DSN file atomically, as config tools do."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn + "\n")
-    os.replace(tmp, path)
-
-
-async def port_of(pool: HotPool) -> int:
-    port = await pool.fetchval("SELECT inet_server_port()")
-    assert isinstance(port, int)
-    return port
 
 
 async def backends(server: PgServer, user: str) -> int:
@@ -52,11 +39,6 @@ async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[st
     name, password = await role(pg_a)
     await role(pg_b, name=name, password=password)
     return name, password
-
-
-def url_for(path: Path, **options: str) -> str:
-    query = "&".join(f"{k}={v}" for k, v in options.items())
-    return f"watchfiles://postgres{path}" + (f"?{query}" if query else "")
 
 
 async def test_switches_servers_when_the_file_changes(

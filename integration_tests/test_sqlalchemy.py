@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from aiohotload import (
 from aiohotload.sqlalchemy import HotEngine, create_async_engine
 
 from .conftest import RoleFactory
+from .faults import url_for, write_dsn
 from .pgserver import PgServer, Role, url_dsn
 from .tcpproxy import TcpProxy
 from .util import wait_for
@@ -46,18 +46,6 @@ class Note(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     body: Mapped[str]
     port: Mapped[int] = mapped_column(server_default=text("inet_server_port()"))
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    """Replace the DSN file atomically, as config tools do."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn + "\n")
-    os.replace(tmp, path)
-
-
-def url_for(path: Path, **options: str) -> str:
-    query = "&".join(f"{k}={v}" for k, v in options.items())
-    return f"watchfiles://postgres{path}" + (f"?{query}" if query else "")
 
 
 async def backends(server: PgServer, user: str) -> int:
