@@ -126,6 +126,7 @@ class HotPool:
         self._closed = False
         self._stray: set[asyncio.Task[None]] = set()
         self._event_waiters: set[asyncio.Event] = set()
+        self._drained = asyncio.Event()  # set each time a drain ends
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,7 +160,7 @@ class HotPool:
         self._initializing = False
         self._closing = True
         self._closed = True
-        self._reloader.stop()
+        self._reloader.close()
         if self._stop is not None:
             self._stop.set()
         if self._runner is not None:
@@ -196,6 +197,11 @@ class HotPool:
         self._reloader.stop()
         if self._current is not None:
             self._retire(self._current, force=False)
+        while self._retired and self._tg is not None:
+            await self._drained.wait()
+            self._drained.clear()
+        # Only now: the strategy hears about every DSN released by the drains first.
+        self._reloader.close()
         if self._stop is not None:
             self._stop.set()
         if self._runner is not None:
@@ -211,7 +217,8 @@ class HotPool:
         for gen in [self._current, *self._retired]:
             if gen is not None:
                 terminate_pool(gen.pool)
-        self._reloader.stop()
+                self._reloader.done_with(gen.dsn)
+        self._reloader.close()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
         if self._stop is not None:
@@ -298,6 +305,7 @@ class HotPool:
         else:  # the background task is gone (terminate); nothing can drain: stop it now
             terminate_pool(gen.pool)
             self._retired.discard(gen)
+            self._reloader.done_with(gen.dsn)
 
     async def _drain(self, gen: _Generation, force: bool) -> None:
         started = time.perf_counter()
@@ -322,6 +330,8 @@ class HotPool:
             terminate_pool(gen.pool)
         finally:
             self._retired.discard(gen)
+            self._reloader.done_with(gen.dsn)
+            self._drained.set()
         report_drain(
             self._emit,
             self._name,

@@ -12,6 +12,7 @@ does (generations, drains) is the owner's business.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -23,7 +24,7 @@ import anyio
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted
 from .redact import redact_dsn, redact_text, secrets_of
-from .strategies import Strategy, get_strategy
+from .strategies import Feedback, Strategy, get_strategy, open_watch, takes_feedback
 from .url import HotloadURL
 
 __all__ = ["Reloader", "Serving", "report_drain"]
@@ -98,7 +99,14 @@ class Reloader(Generic[T]):
         self._wake = asyncio.Event()
         self._first: asyncio.Future[str] | None = None
         self._scope: anyio.CancelScope | None = None
+        self._reload_scope: anyio.CancelScope | None = None
         self._stopped = False
+        self._closed = False
+        # What the strategy hears from us, if it listens (see strategies.feedback).
+        self._feedback = Feedback() if takes_feedback(self._strategy) else None
+        # DSNs in use, with how many generations use each (the strategy hears when one is
+        # no longer used).
+        self._in_use: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ the owner's calls
 
@@ -106,11 +114,18 @@ class Reloader(Generic[T]):
         """Watch and reload until :meth:`stop`; meant for the owner's task group."""
         with anyio.CancelScope() as scope:
             self._scope = scope
-            if self._stopped:
+            if self._closed:
                 scope.cancel()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch)
                 tg.start_soon(self._reload_loop)
+
+    async def _reload_loop(self) -> None:
+        with anyio.CancelScope() as scope:
+            self._reload_scope = scope
+            if self._stopped:
+                scope.cancel()
+            await self._reloads()
 
     async def first(self) -> tuple[str, T, float]:
         """The strategy's first DSN (awaited at most ``connect_timeout``), opened: ``(dsn,
@@ -130,16 +145,40 @@ class Reloader(Generic[T]):
     def started(self, dsn: str) -> None:
         """The owner serves *dsn*, its first DSN: reload at once if the strategy offered
         another one while it was opening."""
+        self._in_use[dsn] += 1
         if self._wanted != dsn:
             self._wake.set()
 
+    def done_with(self, dsn: str) -> None:
+        """A generation that used *dsn* is gone (drained, killed, closed)."""
+        self._in_use[dsn] -= 1
+        self._release_if_unused(dsn)
+
     def stop(self) -> None:
-        """Stop watching; an open in progress is abandoned. Idempotent."""
+        """Stop reloading; an open in progress is abandoned. The strategy keeps running, to
+        hear about the DSNs released until :meth:`close`. Idempotent."""
         self._stopped = True
         if self._first is not None and self._first.done() and not self._first.cancelled():
             self._first.exception()  # mark retrieved
+        if self._reload_scope is not None:
+            self._reload_scope.cancel()
+        wanted, self._wanted = self._wanted, None
+        if wanted is not None:
+            self._release_if_unused(wanted)
+
+    def close(self) -> None:
+        """Stop reloading and watching: the strategy is closed. Idempotent."""
+        self.stop()
+        self._closed = True
         if self._scope is not None:
             self._scope.cancel()
+
+    def _release_if_unused(self, dsn: str) -> None:
+        if self._in_use[dsn] > 0 or dsn == self._wanted:
+            return
+        del self._in_use[dsn]
+        if self._feedback is not None:
+            self._feedback.release(dsn)
 
     async def open(self, dsn: str) -> tuple[T, float]:
         """Open *dsn* through the owner, bounded by ``connect_timeout``, with errors redacted;
@@ -172,7 +211,9 @@ class Reloader(Generic[T]):
         failures = 0
         while True:
             try:
-                iterator = self._strategy.watch(self._url.path, self._url.options)
+                iterator = open_watch(
+                    self._strategy, self._url.path, self._url.options, self._feedback
+                )
                 try:
                     async for dsn in iterator:
                         if failures and isinstance(self.last_error, StrategyError):
@@ -218,12 +259,18 @@ class Reloader(Generic[T]):
             self._wanted = dsn
             first.set_result(dsn)
             return
+        if self._stopped:  # closing: nothing will use it
+            if self._feedback is not None and self._in_use[dsn] == 0:
+                self._feedback.release(dsn)
+            return
         if dsn != self._wanted:
             logger.debug("strategy offered a new DSN: %s", redact_dsn(dsn))
-            self._wanted = dsn
+            previous, self._wanted = self._wanted, dsn
+            if previous is not None:
+                self._release_if_unused(previous)
             self._wake.set()
 
-    async def _reload_loop(self) -> None:
+    async def _reloads(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -279,6 +326,7 @@ class Reloader(Generic[T]):
                     self._close(opened[0])
                     break
                 self.last_error = None
+                self._in_use[dsn] += 1
                 self._swap(dsn, *opened)
                 break
 

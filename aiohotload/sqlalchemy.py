@@ -213,7 +213,7 @@ class HotEngine(AsyncEngine):
         try:
             dsn, _, opened_in = await reloader.first()
         except BaseException:
-            reloader.stop()
+            reloader.close()
             stop.set()
             await asyncio.gather(self._runner, return_exceptions=True)
             self._reloader = self._stop = self._runner = None
@@ -252,7 +252,11 @@ class HotEngine(AsyncEngine):
         # unknown); connections still being made finish and are closed likewise.
         for gen in self._generations.values():
             gen.retired = True
+            if self._reloader is not None:
+                self._reloader.done_with(gen.dsn)
         self._generations.clear()
+        if self._reloader is not None:
+            self._reloader.close()
         was_open = self._current is not None
         self._current = None
         if self._stop is not None:
@@ -349,7 +353,8 @@ class HotEngine(AsyncEngine):
             logger.exception("draining generation %d failed; terminating it", gen.number)
             await self._kill(gen)
         finally:
-            self._generations.pop(gen.number, None)
+            if self._generations.pop(gen.number, None) is not None and self._reloader:
+                self._reloader.done_with(gen.dsn)
         report_drain(
             self._emit,
             self._name,

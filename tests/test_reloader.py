@@ -101,7 +101,7 @@ async def test_first_then_swaps_on_each_new_dsn_once(strategy: QueueStrategy) ->
         await strategy.queue.put("postgresql://b")  # repeated: ignored
         await strategy.queue.put("postgresql://c")
         await until(lambda: len(owner.swaps) == 2)
-        reloader.stop()
+        reloader.close()
     assert owner.swaps == [
         ("postgresql://b", "conn(postgresql://b)"),
         ("postgresql://c", "conn(postgresql://c)"),
@@ -133,7 +133,7 @@ async def test_failure_is_retried_redacted_and_superseded_attempts_are_closed(
         await strategy.queue.put("postgresql://c")
         await until(lambda: owner.swaps == [("postgresql://c", "conn(postgresql://c)")])
         assert reloader.last_error is None
-        reloader.stop()
+        reloader.close()
     assert owner.closed == []  # the slow open was cancelled before it produced anything
 
 
@@ -150,7 +150,7 @@ async def test_nothing_is_swapped_once_the_owner_serves_nothing(strategy: QueueS
         await until(strategy.queue.empty)
         for _ in range(10):  # let the reload loop run, if it were to
             await asyncio.sleep(0)
-        reloader.stop()
+        reloader.close()
     assert owner.swaps == []
 
 
@@ -160,4 +160,82 @@ async def test_first_is_bounded_by_connect_timeout(strategy: QueueStrategy) -> N
         tg.start_soon(reloader.run)
         with pytest.raises(aiohotload.StrategyError, match="connect_timeout"):
             await reloader.first()
-        reloader.stop()
+        reloader.close()
+
+
+class FeedbackStrategy:
+    """A queue strategy that listens to its pool: records the news it gets."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.news: list[aiohotload.strategies.News] = []
+        self.closed_with: list[str] = []
+
+    async def watch(
+        self,
+        path: str,
+        options: Mapping[str, str],
+        *,
+        feedback: aiohotload.strategies.Feedback,
+    ) -> AsyncIterator[str]:
+        try:
+            yield await self.queue.get()
+            while True:
+                news = await feedback.wait(0.01)
+                if news:
+                    self.news.append(news)
+                while not self.queue.empty():
+                    yield self.queue.get_nowait()
+        finally:
+            self.closed_with.extend(feedback.take().released)
+
+
+async def test_feedback_releases_each_dsn_once_no_longer_used() -> None:
+    strategy = FeedbackStrategy()
+    aiohotload.register_strategy("rfeedback", strategy)
+    try:
+        owner = Owner()
+        reloader = owner.reloader("rfeedback://x/p")
+
+        def released() -> list[str]:
+            return [d for n in strategy.news for d in n.released]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reloader.run)
+            await strategy.queue.put("postgresql://a")
+            await reloader.first()
+            owner.current = Current(0, "postgresql://a", "postgresql://a")
+            reloader.started("postgresql://a")
+            # A DSN that fails to open, replaced by one that opens: the failed one is
+            # released at once; the one in use is not.
+            await strategy.queue.put("bad://x")
+            await until(lambda: "bad://x" in owner.attempts)
+            await strategy.queue.put("postgresql://b")
+            await until(lambda: len(owner.swaps) == 1)
+            await until(lambda: released() == ["bad://x"])
+            # The owner drained generation 0: its DSN is released.
+            reloader.done_with("postgresql://a")
+            await until(lambda: released() == ["bad://x", "postgresql://a"])
+            # Closing: the current DSN is released once its generation is gone, before the
+            # strategy is closed.
+            reloader.stop()
+            reloader.done_with("postgresql://b")
+            reloader.close()
+        everything = released() + strategy.closed_with
+        assert sorted(everything) == ["bad://x", "postgresql://a", "postgresql://b"]
+    finally:
+        aiohotload.unregister_strategy("rfeedback")
+
+
+async def test_feedback_news_hides_dsns_and_coalesces_refreshes() -> None:
+    feedback = aiohotload.strategies.Feedback()
+    assert not await feedback.wait(0.001)
+    feedback.request_refresh()
+    feedback.request_refresh()
+    feedback.release("postgresql://u:s3cret@h/db")
+    assert feedback.pending
+    assert "s3cret" not in repr(feedback)
+    news = await feedback.wait(1)
+    assert news.refresh and news.released == ("postgresql://u:s3cret@h/db",)
+    assert "s3cret" not in repr(news)
+    assert not feedback.pending and not feedback.take()

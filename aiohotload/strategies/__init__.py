@@ -4,6 +4,11 @@ A strategy is any object with a ``watch(path, options)`` method returning an asy
 of DSN strings (usually an async generator). The first value is the initial DSN; each later
 value is a change. A strategy validates its options before yielding anything and raises
 :class:`~aiohotload.InvalidOptionError` for an option it does not know.
+
+A strategy that declares a keyword-only ``feedback`` parameter, ``watch(path, options, *,
+feedback)``, also hears from its pool through a :class:`~aiohotload.strategies.Feedback`:
+requests to look again now (a login was refused) and DSNs no longer in use (see
+:mod:`aiohotload.strategies.feedback`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,19 @@ from typing import Protocol, runtime_checkable
 
 from .._registry import Registry
 from ..errors import RegistryError, UnknownStrategyError
+from .feedback import Feedback, News, wants_feedback
 
-__all__ = ["Strategy", "get_strategy", "register_strategy", "strategy_names", "unregister_strategy"]
+__all__ = [
+    "Feedback",
+    "News",
+    "Strategy",
+    "get_strategy",
+    "open_watch",
+    "register_strategy",
+    "strategy_names",
+    "takes_feedback",
+    "unregister_strategy",
+]
 
 
 @runtime_checkable
@@ -36,8 +52,36 @@ class _FunctionStrategy:
     def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
         return self._func(path, options)
 
+    @property
+    def wants_feedback(self) -> bool:
+        return wants_feedback(self._func)
+
+    def watch_with(
+        self, path: str, options: Mapping[str, str], feedback: Feedback
+    ) -> AsyncIterator[str]:
+        return self._func(path, options, feedback=feedback)  # type: ignore[call-arg]
+
     def __repr__(self) -> str:
         return f"<strategy {getattr(self._func, '__qualname__', self._func)!r}>"
+
+
+def open_watch(
+    strategy: Strategy, path: str, options: Mapping[str, str], feedback: Feedback | None
+) -> AsyncIterator[str]:
+    """Start *strategy*'s watch, passing *feedback* if the strategy takes it."""
+    if feedback is not None and takes_feedback(strategy):
+        if isinstance(strategy, _FunctionStrategy):
+            return strategy.watch_with(path, options, feedback)
+        watch = strategy.watch
+        return watch(path, options, feedback=feedback)  # type: ignore[call-arg]
+    return strategy.watch(path, options)
+
+
+def takes_feedback(strategy: Strategy) -> bool:
+    """Whether *strategy*'s watch declares the optional ``feedback`` parameter."""
+    if isinstance(strategy, _FunctionStrategy):
+        return strategy.wants_feedback
+    return wants_feedback(strategy.watch)
 
 
 def _coerce(item: object) -> Strategy:
