@@ -8,16 +8,25 @@ from .errors import (
     HotloadError,
     InvalidOptionError,
     InvalidURLError,
+    PoolClosedError,
     RegistryError,
     SourceError,
     StrategyError,
     UnknownDriverError,
     UnknownStrategyError,
 )
-from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted, SwapDone
-from .pool import EventStream, HotPool, create_pool
+from .events import (
+    Event,
+    EventStream,
+    ForceKillDone,
+    PoolDrained,
+    ReloadFailed,
+    ReloadStarted,
+    SwapDone,
+)
+from .pool import HotPool, create_pool
 from .redact import redact_dsn
-from .strategies import Strategy, register_strategy, unregister_strategy
+from .strategies import Feedback, News, Strategy, register_strategy, unregister_strategy
 from .url import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, HotloadURL, parse_url
 
 __all__ = [
@@ -27,12 +36,15 @@ __all__ = [
     "DriverError",
     "Event",
     "EventStream",
+    "Feedback",
     "ForceKillDone",
     "HotPool",
     "HotloadError",
     "HotloadURL",
     "InvalidOptionError",
     "InvalidURLError",
+    "News",
+    "PoolClosedError",
     "PoolDrained",
     "RegistryError",
     "ReloadFailed",

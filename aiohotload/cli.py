@@ -278,8 +278,9 @@ async def _check(url: str, wait: float, out: TextIO) -> int:
     deadline = time.monotonic() + wait
     delay = 0.5
     while True:
+        pool = create_pool(url, min_size=1, max_size=1)
         try:
-            async with create_pool(url, min_size=1, max_size=1) as pool:
+            async with pool:
                 version = await pool.fetchval("SHOW server_version")
                 print(f"ok: connected to {pool.target}", file=out)
                 print(f"server_version: {version}", file=out, flush=True)
@@ -287,7 +288,8 @@ async def _check(url: str, wait: float, out: TextIO) -> int:
         except _BAD_URL as exc:  # an option the strategy rejects
             return _error("check", _describe(exc, url), EXIT_USAGE)
         except Exception as exc:
-            reason = _describe(exc, url)
+            # The pool's own account names the server it tried (redacted).
+            reason = _describe(pool.last_error or exc, url)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _error("check", f"cannot connect: {reason}", EXIT_FAILED)

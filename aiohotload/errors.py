@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncpg
+
 __all__ = [
     "DriverError",
     "HotloadError",
     "InvalidOptionError",
     "InvalidURLError",
+    "PoolClosedError",
     "RegistryError",
     "SourceError",
     "StrategyError",
@@ -65,5 +68,12 @@ class SourceError(StrategyError):
 
 class DriverError(HotloadError):
     """A driver failed to build an inner pool from a DSN."""
+
+    __module__ = "aiohotload"
+
+
+class PoolClosedError(HotloadError, asyncpg.InterfaceError):
+    """The pool or engine is not open (closed, closing, or not yet initialised): it is an
+    :class:`asyncpg.InterfaceError`, as asyncpg raises for its own pools."""
 
     __module__ = "aiohotload"

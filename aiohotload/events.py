@@ -6,21 +6,26 @@ messages. Subscribe with :meth:`HotPool.add_listener` or ``async for event in po
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from anyio.abc import TaskGroup
 
 __all__ = [
     "Event",
+    "EventHub",
+    "EventStream",
     "ForceKillDone",
     "PoolDrained",
     "ReloadFailed",
     "ReloadStarted",
     "SwapDone",
-    "deliver",
-    "run_listener",
 ]
 
 logger = logging.getLogger("aiohotload")
@@ -54,6 +59,9 @@ class SwapDone(_Base):
     new_target: str
     open_seconds: float
     """How long the new pool took to open."""
+    reason: str = "changed"
+    """Why it swapped: ``"changed"`` (a new DSN), ``"failover"`` (the server stopped taking
+    writes, the same DSN opened again on the writable one)."""
 
 
 @dataclass(frozen=True)
@@ -92,23 +100,119 @@ class ForceKillDone(_Base):
 Event = ReloadStarted | SwapDone | ReloadFailed | PoolDrained | ForceKillDone
 
 
-def deliver(
-    listeners: Iterable[Callable[[Event], object]],
-    event: Event,
-    spawn: Callable[[Awaitable[object]], None],
-) -> None:
-    """Call each of *listeners* with *event*; an awaitable result is handed to *spawn* (to run
-    it as a task). A listener that raises is logged and never affects the caller."""
-    for callback in list(listeners):
-        try:
-            result = callback(event)
-            if inspect.isawaitable(result):
-                spawn(result)
-        except Exception:
-            logger.exception("aiohotload event listener %r failed", callback)
+class EventHub:
+    """The listeners of one pool or engine, and the event streams following it.
+
+    Its owner calls :meth:`emit`; an ``async def`` listener runs as a task of the task group
+    given to :meth:`attach` (the owner's, so it ends with the owner), or on its own while none
+    is attached. A listener that raises is logged and never affects the owner.
+    """
+
+    __slots__ = ("_closed", "_listeners", "_strays", "_streams", "_task_group")
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[Event], object]] = []
+        self._streams: set[EventStream] = set()
+        self._task_group: TaskGroup | None = None
+        self._strays: set[asyncio.Future[None]] = set()
+        self._closed = False
+
+    def add_listener(self, callback: Callable[[Event], object]) -> None:
+        """Call *callback(event)* for each event."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[Event], object]) -> None:
+        """Stop calling *callback*; no error if it was not added."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def stream(self, max_queued: int) -> EventStream:
+        """A new :class:`EventStream` of the events from now on."""
+        stream = EventStream(self, max_queued)
+        self._streams.add(stream)
+        if self._closed:
+            stream._end()
+        return stream
+
+    def emit(self, event: Event) -> None:
+        """Deliver *event* to every listener and stream."""
+        for stream in list(self._streams):
+            stream._push(event)
+        for callback in list(self._listeners):
+            try:
+                result = callback(event)
+                if inspect.isawaitable(result):
+                    self._spawn(result)
+            except Exception:
+                logger.exception("aiohotload event listener %r failed", callback)
+
+    def attach(self, task_group: TaskGroup | None) -> None:
+        """Run async listeners in *task_group* from now on (None: on their own)."""
+        self._task_group = task_group
+
+    def open(self) -> None:
+        """Let new streams run again (an engine restarting after ``dispose()``)."""
+        self._closed = False
+
+    def close(self) -> None:
+        """End every stream once it has handed out what it holds."""
+        self._closed = True
+        for stream in list(self._streams):
+            stream._end()
+
+    def _forget(self, stream: EventStream) -> None:
+        self._streams.discard(stream)
+
+    def _spawn(self, awaitable: Awaitable[object]) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(_run_listener, awaitable)
+            return
+        task = asyncio.ensure_future(_run_listener(awaitable))
+        self._strays.add(task)
+        task.add_done_callback(self._strays.discard)
 
 
-async def run_listener(awaitable: Awaitable[object]) -> None:
+class EventStream:
+    """An async iterator of the events of one pool or engine (``pool.events()``), from its
+    creation until the pool closes; ``aclose()`` (or leaving the loop early) unsubscribes.
+
+    A consumer that falls more than *max_queued* events behind loses the oldest ones.
+    """
+
+    __slots__ = ("_ended", "_hub", "_queue", "_ready")
+
+    def __init__(self, hub: EventHub, max_queued: int) -> None:
+        self._hub = hub
+        self._queue: collections.deque[Event] = collections.deque(maxlen=max_queued)
+        self._ready = asyncio.Event()
+        self._ended = False
+
+    def _push(self, event: Event) -> None:
+        self._queue.append(event)
+        self._ready.set()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._ready.set()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self._ended:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    async def aclose(self) -> None:
+        """Unsubscribe."""
+        self._hub._forget(self)
+
+
+async def _run_listener(awaitable: Awaitable[object]) -> None:
     """Await what an ``async def`` listener returned, logging its error instead of raising."""
     try:
         await awaitable

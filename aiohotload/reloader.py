@@ -1,12 +1,13 @@
 """Reloader: follows the DSN source of a hotload URL and puts each new DSN in use.
 
-It is what :class:`~aiohotload.HotPool` and the SQLAlchemy engine share: it runs the strategy
-(restarting it with backoff if it fails), ignores repeated DSNs, opens each new DSN through
-its owner's *open* callback (bounded by ``connect_timeout``, abandoned if a newer DSN
+It runs the strategy (restarting it with backoff if it fails), ignores repeated DSNs, opens
+each new DSN through its owner (bounded by ``connect_timeout``, abandoned if a newer DSN
 arrives), retries a failure with backoff, keeps :attr:`Reloader.last_error`, emits
 :class:`~aiohotload.ReloadStarted` and :class:`~aiohotload.ReloadFailed`, logs each step
-with passwords redacted, and finally hands what opened to its owner's *swap*. What a swap
-does (generations, drains) is the owner's business.
+with passwords redacted, and finally hands what opened to its owner's ``swap``. It also
+carries the strategy's feedback (see :mod:`aiohotload.strategies.feedback`): refresh requests
+and the DSNs no longer in use. What a swap does (generations, drains) is the owner's business:
+the owner is the generation lifecycle (``_lifecycle.py``).
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 import anyio
 
 from .errors import DriverError, HotloadError, StrategyError
-from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted
+from .events import Event, ReloadFailed, ReloadStarted
 from .redact import redact_dsn, redact_text, secrets_of
-from .strategies import Feedback, Strategy, get_strategy, open_watch, takes_feedback
+from .strategies import Feedback, get_strategy, open_watch, takes_feedback
 from .url import HotloadURL
 
-__all__ = ["Reloader", "Serving", "report_drain"]
+__all__ = ["Owner", "Reloader", "Serving", "opening_error"]
 
 logger = logging.getLogger("aiohotload")
 
@@ -36,6 +37,10 @@ T = TypeVar("T")
 # Retry delays after a failed reload: doubling from the first, capped, with jitter.
 _RETRY_FIRST = 0.25
 _RETRY_MAX = 15.0
+# Refresh requests to the strategy (a login was refused): at most one pending, and a pause
+# doubling from the first to the cap while they bring nothing new.
+_REFRESH_FIRST = 1.0
+_REFRESH_MAX = 60.0
 # Bound on letting a strategy release its resources when it is stopped.
 _ACLOSE_TIMEOUT = 5.0
 
@@ -59,17 +64,33 @@ class Serving(Protocol):
         ...
 
 
-class Reloader(Generic[T]):
-    """Runs a hotload URL's strategy and puts each new DSN in use through its owner.
+class Owner(Protocol[T]):
+    """What the reloader puts DSNs in use through."""
 
-    *open(dsn)* opens what a swap needs (a pool, a validated connection); *close(opened)*
-    disposes of one that opened too late to be used; *swap(dsn, opened, seconds)* puts it in
-    use; *serving()* is what the owner serves now (None before the first DSN is in use and
-    once closing: no swap then); *emit* delivers events. *action* completes "could not ..."
-    in errors (``"open a pool on"``).
+    async def open(self, dsn: str) -> T:
+        """Open what serving *dsn* needs, proven to work (raises if it does not)."""
+        ...
+
+    def discard(self, opened: T) -> None:
+        """Dispose of something opened too late to be used."""
+        ...
+
+    def swap(self, opened: T, seconds: float, reason: str) -> None:
+        """Put *opened* in use (it took *seconds* to open)."""
+        ...
+
+    def serving(self) -> Serving | None:
+        """What is served now; None before the first DSN is in use and once closing."""
+        ...
+
+
+class Reloader(Generic[T]):
+    """Runs a hotload URL's strategy and puts each new DSN in use through its *owner*.
 
     The owner runs :meth:`run` in its task group, awaits :meth:`first` for the initial DSN,
-    calls :meth:`started` once it serves it, and :meth:`stop` to end.
+    calls :meth:`started` once it serves it, :meth:`done_with` when a generation ends,
+    :meth:`stop` when it starts closing and :meth:`close` at the very end. *action* completes
+    "could not ..." in errors (``"open a pool on"``).
     """
 
     def __init__(
@@ -77,25 +98,20 @@ class Reloader(Generic[T]):
         url: HotloadURL,
         *,
         name: str,
-        open: Callable[[str], Awaitable[T]],
-        close: Callable[[T], object],
-        swap: Callable[[str, T, float], None],
-        serving: Callable[[], Serving | None],
+        owner: Owner[T],
         emit: Callable[[Event], None],
         action: str = "open a pool on",
     ) -> None:
         self._url = url
-        self._strategy: Strategy = get_strategy(url.strategy)
+        self._strategy = get_strategy(url.strategy)
         self._name = name
-        self._open = open
-        self._close = close
-        self._swap = swap
-        self._serving = serving
+        self._owner = owner
         self._emit = emit
         self._action = action
         self.last_error: HotloadError | None = None
         """Why the newest DSN is not in use yet (redacted), or None if it is."""
         self._wanted: str | None = None  # newest DSN from the strategy
+        self._reopen: str | None = None  # open the DSN in use again, for this reason
         self._wake = asyncio.Event()
         self._first: asyncio.Future[str] | None = None
         self._scope: anyio.CancelScope | None = None
@@ -104,14 +120,16 @@ class Reloader(Generic[T]):
         self._closed = False
         # What the strategy hears from us, if it listens (see strategies.feedback).
         self._feedback = Feedback() if takes_feedback(self._strategy) else None
-        # DSNs in use, with how many generations use each (the strategy hears when one is
-        # no longer used).
+        self._refreshes = 0  # refresh requests since the strategy last brought a new DSN
+        self._next_refresh = 0.0
+        # DSNs in use, with how many generations use each: the strategy hears when one is
+        # no longer used.
         self._in_use: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ the owner's calls
 
     async def run(self) -> None:
-        """Watch and reload until :meth:`stop`; meant for the owner's task group."""
+        """Watch and reload until :meth:`close`; meant for the owner's task group."""
         with anyio.CancelScope() as scope:
             self._scope = scope
             if self._closed:
@@ -120,16 +138,13 @@ class Reloader(Generic[T]):
                 tg.start_soon(self._watch)
                 tg.start_soon(self._reload_loop)
 
-    async def _reload_loop(self) -> None:
-        with anyio.CancelScope() as scope:
-            self._reload_scope = scope
-            if self._stopped:
-                scope.cancel()
-            await self._reloads()
-
     async def first(self) -> tuple[str, T, float]:
         """The strategy's first DSN (awaited at most ``connect_timeout``), opened: ``(dsn,
-        opened, seconds to open)``. Raises what the strategy or the open raised, redacted."""
+        opened, seconds to open)``.
+
+        Raises what the strategy raised, or what opening raised as the driver raised it
+        (``asyncpg.InvalidPasswordError``, ...) unless its text would reveal a secret.
+        """
         first = self._first_future()
         try:
             with anyio.fail_after(self._url.connect_timeout):
@@ -139,13 +154,18 @@ class Reloader(Generic[T]):
                 f"strategy {self._url.strategy!r} gave no DSN for {self._url.path!r} "
                 f"within {self._url.connect_timeout:g}s (connect_timeout)"
             ) from None
-        opened, opened_in = await self.open(dsn)
+        try:
+            opened, opened_in = await self._open(dsn)
+        except Exception as exc:
+            self.last_error = opening_error(exc, dsn, self._action)
+            raise _as_raised(exc, dsn, self.last_error) from None
         return dsn, opened, opened_in
 
     def started(self, dsn: str) -> None:
         """The owner serves *dsn*, its first DSN: reload at once if the strategy offered
         another one while it was opening."""
         self._in_use[dsn] += 1
+        self.last_error = None
         if self._wanted != dsn:
             self._wake.set()
 
@@ -153,6 +173,34 @@ class Reloader(Generic[T]):
         """A generation that used *dsn* is gone (drained, killed, closed)."""
         self._in_use[dsn] -= 1
         self._release_if_unused(dsn)
+
+    def request_refresh(self) -> bool:
+        """Ask the strategy to look at its source again now (a login was refused).
+
+        At most one request is pending, and while requests bring nothing new they are spaced
+        by a pause doubling from 1 s to 60 s, so a wrong password cannot turn into a storm of
+        reads of the source. Returns whether a request was made.
+        """
+        feedback = self._feedback
+        if feedback is None or self._stopped or feedback.pending:
+            return False
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return False
+        self._refreshes += 1
+        pause = min(_REFRESH_MAX, _REFRESH_FIRST * 2.0 ** min(self._refreshes - 1, 16))
+        self._next_refresh = now + pause
+        logger.info("asking strategy %r to look again now", self._url.strategy)
+        feedback.request_refresh()
+        return True
+
+    def reopen(self, reason: str) -> None:
+        """Open the DSN in use again and swap to it (a failover: the same name now leads to
+        another server)."""
+        if self._stopped:
+            return
+        self._reopen = reason
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop reloading; an open in progress is abandoned. The strategy keeps running, to
@@ -173,37 +221,19 @@ class Reloader(Generic[T]):
         if self._scope is not None:
             self._scope.cancel()
 
-    def _release_if_unused(self, dsn: str) -> None:
-        if self._in_use[dsn] > 0 or dsn == self._wanted:
-            return
-        del self._in_use[dsn]
-        if self._feedback is not None:
-            self._feedback.release(dsn)
-
-    async def open(self, dsn: str) -> tuple[T, float]:
-        """Open *dsn* through the owner, bounded by ``connect_timeout``, with errors redacted;
-        returns what opened and how long it took."""
-        started = time.perf_counter()
-        try:
-            with anyio.fail_after(self._url.connect_timeout):
-                opened = await self._open(dsn)
-        except TimeoutError:
-            raise DriverError(
-                f"could not {self._action} {redact_dsn(dsn)} within "
-                f"{self._url.connect_timeout:g}s (connect_timeout)"
-            ) from None
-        except HotloadError:
-            raise
-        except Exception as exc:
-            raise _reload_error(exc, dsn, self._action) from None
-        return opened, time.perf_counter() - started
-
     # ------------------------------------------------------------------ background work
 
     def _first_future(self) -> asyncio.Future[str]:
         if self._first is None:
             self._first = asyncio.get_running_loop().create_future()
         return self._first
+
+    def _release_if_unused(self, dsn: str) -> None:
+        if self._in_use[dsn] > 0 or dsn == self._wanted:
+            return
+        del self._in_use[dsn]
+        if self._feedback is not None:
+            self._feedback.release(dsn)
 
     async def _watch(self) -> None:
         """Run the strategy; restart it with backoff if it fails after the first value."""
@@ -223,7 +253,8 @@ class Reloader(Generic[T]):
                 finally:
                     aclose = getattr(iterator, "aclose", None)
                     if aclose is not None:
-                        # Shielded so the strategy can release its watcher even when cancelled.
+                        # Shielded so the strategy can release its resources even when
+                        # cancelled.
                         with anyio.move_on_after(_ACLOSE_TIMEOUT, shield=True):
                             await aclose()
                 if not first.done():
@@ -239,13 +270,13 @@ class Reloader(Generic[T]):
                 failures += 1
                 delay = _retry_delay(failures)
                 self.last_error = StrategyError(
-                    f"strategy {self._url.strategy!r} failed: {_describe(exc, ())}"
+                    f"strategy {self._url.strategy!r} failed: {_describe(exc, '')}"
                 )
                 logger.warning(
                     "strategy %r failed (attempt %d): %s; restarting in %.1fs",
                     self._url.strategy,
                     failures,
-                    _describe(exc, ()),
+                    _describe(exc, ""),
                     delay,
                 )
                 await anyio.sleep(delay)
@@ -266,80 +297,110 @@ class Reloader(Generic[T]):
         if dsn != self._wanted:
             logger.debug("strategy offered a new DSN: %s", redact_dsn(dsn))
             previous, self._wanted = self._wanted, dsn
+            self._refreshes = 0  # the source moved: refresh requests may come at once again
+            self._next_refresh = 0.0
             if previous is not None:
                 self._release_if_unused(previous)
             self._wake.set()
 
-    async def _reloads(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            failures = 0
-            while (dsn := self._wanted) is not None and (current := self._serving()) is not None:
-                if dsn == current.dsn:
-                    self.last_error = None
-                    break
-                self._emit(
-                    ReloadStarted(
-                        self._name,
-                        target=redact_dsn(dsn),
-                        attempt=failures + 1,
-                        generation=current.number,
-                    )
-                )
-                try:
-                    opened = await self._open_unless_superseded(dsn)
-                except Exception as exc:
-                    failures += 1
-                    delay = _retry_delay(failures)
-                    error = _reload_error(exc, dsn, self._action)
-                    self.last_error = error
-                    self._emit(
-                        ReloadFailed(
-                            self._name,
-                            target=redact_dsn(dsn),
-                            error=str(error),
-                            attempt=failures,
-                            retry_in=delay,
-                            generation=current.number,
-                        )
-                    )
-                    logger.warning(
-                        "reload failed (attempt %d): %s; still serving generation %d (%s); "
-                        "retrying in %.1fs",
-                        failures,
-                        error,
-                        current.number,
-                        current.target,
-                        delay,
-                    )
-                    with anyio.move_on_after(delay):
-                        await self._wake.wait()
-                    if self._wake.is_set():
-                        self._wake.clear()
-                        if self._wanted != dsn:
-                            failures = 0
-                    continue
-                if opened is None:
-                    continue  # a newer DSN arrived while opening; go again with it
-                if self._serving() is None:  # the owner closed while it opened
-                    self._close(opened[0])
-                    break
+    async def _reload_loop(self) -> None:
+        with anyio.CancelScope() as scope:
+            self._reload_scope = scope
+            if self._stopped:
+                scope.cancel()
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._reload()
+
+    async def _reload(self) -> None:
+        """Put the newest DSN in use, retrying until it works or a newer one arrives."""
+        failures = 0
+        tried: str | None = None
+        while (dsn := self._wanted) is not None and (current := self._owner.serving()) is not None:
+            if dsn != tried:  # a newer DSN: its attempts count from one
+                failures, tried = 0, dsn
+            reason = self._reopen
+            if dsn == current.dsn and reason is None:
                 self.last_error = None
-                self._in_use[dsn] += 1
-                self._swap(dsn, *opened)
-                break
+                return
+            reason = "changed" if dsn != current.dsn or reason is None else reason
+            self._emit(
+                ReloadStarted(
+                    self._name,
+                    target=redact_dsn(dsn),
+                    attempt=failures + 1,
+                    generation=current.number,
+                )
+            )
+            try:
+                opened = await self._open_unless_superseded(dsn)
+            except Exception as exc:
+                failures += 1
+                await self._failed(exc, dsn, current, failures)
+                continue
+            if opened is None:
+                continue  # a newer DSN arrived while opening; go again with it
+            if self._owner.serving() is None:  # the owner closed while it opened
+                self._owner.discard(opened[0])
+                return
+            self.last_error = None
+            self._reopen = None
+            self._in_use[dsn] += 1
+            self._owner.swap(opened[0], opened[1], reason)
+            return
+
+    async def _failed(self, exc: Exception, dsn: str, current: Serving, failures: int) -> None:
+        """Report a failed attempt and wait before the next (a newer DSN ends the wait)."""
+        delay = _retry_delay(failures)
+        error = opening_error(exc, dsn, self._action)
+        self.last_error = error
+        self._emit(
+            ReloadFailed(
+                self._name,
+                target=redact_dsn(dsn),
+                error=str(error),
+                attempt=failures,
+                retry_in=delay,
+                generation=current.number,
+            )
+        )
+        logger.warning(
+            "reload failed (attempt %d): %s; still serving generation %d (%s); retrying in %.1fs",
+            failures,
+            error,
+            current.number,
+            current.target,
+            delay,
+        )
+        with anyio.move_on_after(delay):
+            await self._wake.wait()
+        self._wake.clear()
+
+    async def _open(self, dsn: str) -> tuple[T, float]:
+        """Open *dsn* through the owner, bounded by ``connect_timeout``; returns what opened
+        and how long it took."""
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self._url.connect_timeout):
+                opened = await self._owner.open(dsn)
+        except TimeoutError:
+            raise DriverError(
+                f"could not {self._action} {redact_dsn(dsn)} within "
+                f"{self._url.connect_timeout:g}s (connect_timeout)"
+            ) from None
+        return opened, time.perf_counter() - started
 
     async def _open_unless_superseded(self, dsn: str) -> tuple[T, float] | None:
         """Open *dsn*, or return None if a different DSN arrives meanwhile."""
-        opening = asyncio.ensure_future(self.open(dsn))
+        opening = asyncio.ensure_future(self._open(dsn))
         while True:
             waker = asyncio.ensure_future(self._wake.wait())
             try:
                 await asyncio.wait({opening, waker}, return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
                 waker.cancel()
-                await _cancel_and_close(opening, self._close)
+                await self._cancel_and_discard(opening)
                 raise
             waker.cancel()
             if opening.done():
@@ -347,8 +408,18 @@ class Reloader(Generic[T]):
             self._wake.clear()
             if self._wanted != dsn:
                 logger.info("reload to %s superseded by a newer DSN", redact_dsn(dsn))
-                await _cancel_and_close(opening, self._close)
+                await self._cancel_and_discard(opening)
                 return None
+
+    async def _cancel_and_discard(self, opening: asyncio.Future[tuple[T, float]]) -> None:
+        """Stop an attempt to open; discard what it opened if it opened anyway."""
+        if not opening.done():
+            opening.cancel()
+        with anyio.CancelScope(shield=True):
+            results = await asyncio.gather(opening, return_exceptions=True)
+        result = results[0]
+        if isinstance(result, tuple):
+            self._owner.discard(result[0])
 
 
 def _retry_delay(failures: int) -> float:
@@ -356,71 +427,26 @@ def _retry_delay(failures: int) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
-def _describe(exc: BaseException, secrets: Sequence[str]) -> str:
+def _describe(exc: BaseException, dsn: str) -> str:
+    """*exc* as text safe to show: no part of *dsn*'s password."""
     message = str(exc)
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return redact_text(text, list(secrets))
+    return redact_text(text, list(secrets_of(dsn))) if dsn else redact_text(text)
 
 
-def _reload_error(exc: BaseException, dsn: str, action: str) -> HotloadError:
+def opening_error(exc: BaseException, dsn: str, action: str) -> HotloadError:
+    """What failed opening *dsn* as a :class:`HotloadError` whose text is safe to show."""
     if isinstance(exc, HotloadError):
         return exc
-    return DriverError(f"could not {action} {redact_dsn(dsn)}: {_describe(exc, secrets_of(dsn))}")
+    return DriverError(f"could not {action} {redact_dsn(dsn)}: {_describe(exc, dsn)}")
 
 
-async def _cancel_and_close(
-    opening: asyncio.Future[tuple[T, float]], close: Callable[[T], object]
-) -> None:
-    """Stop an attempt to open; close what it opened if it opened anyway."""
-    if not opening.done():
-        opening.cancel()
-    with anyio.CancelScope(shield=True):
-        results = await asyncio.gather(opening, return_exceptions=True)
-    result = results[0]
-    if isinstance(result, tuple):
-        close(result[0])
-
-
-def report_drain(
-    emit: Callable[[Event], None],
-    name: str,
-    old: Serving,
-    *,
-    force: bool,
-    seconds: float,
-    terminated: int,
-    timed_out: float | None,
-) -> None:
-    """Log how the retired generation *old* ended and emit :class:`~aiohotload.ForceKillDone`
-    or :class:`~aiohotload.PoolDrained`: the end of every drain, HotPool's and the engine's.
-
-    timed_out: the ``drain_timeout`` if the drain ran into it (its *terminated* connections
-    were still in use), else None.
-    """
-    if timed_out is not None:
-        logger.warning(
-            "generation %d (%s) did not drain within %gs: terminated %d connection(s) still in use",
-            old.number,
-            old.target,
-            timed_out,
-            terminated,
-        )
-    logger.info(
-        "generation %d (%s) %s in %.0f ms",
-        old.number,
-        old.target,
-        "terminated" if force else "drained",
-        seconds * 1000,
-    )
-    if force:
-        emit(ForceKillDone(name, generation=old.number, target=old.target, cancelled=terminated))
-    else:
-        emit(
-            PoolDrained(
-                name,
-                generation=old.number,
-                target=old.target,
-                seconds=seconds,
-                terminated=terminated,
-            )
-        )
+def _as_raised(exc: Exception, dsn: str, safe: HotloadError) -> Exception:
+    """The error to raise from a first open: *exc* itself when its text reveals nothing of
+    *dsn*'s password (so ``except asyncpg.InvalidPasswordError`` works as with asyncpg),
+    else *safe*."""
+    if isinstance(exc, HotloadError):
+        return exc
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return exc if _describe(exc, dsn) == text else safe

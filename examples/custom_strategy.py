@@ -59,6 +59,7 @@ async def main() -> None:
 
 async def show(pool: aiohotload.HotPool) -> None:
     row = await pool.fetchrow("SELECT current_user AS user, inet_server_port() AS port")
+    assert row is not None  # the query always returns one row
     # pool.target is the DSN with its password redacted: safe to print and log.
     print(f"generation {pool.generation}: {row['user']} on port {row['port']} ({pool.target})")
 

@@ -38,6 +38,7 @@ app = FastAPI(title="aiohotload example", lifespan=lifespan(url, min_size=2, max
 async def index(pool: PoolDep) -> dict[str, Any]:
     """Which server answered (its port) and for which generation of the pool."""
     row = await pool.fetchrow("SELECT inet_server_port() AS port, current_user AS user")
+    assert row is not None  # the query always returns one row
     return {"port": row["port"], "user": row["user"], "generation": pool.generation}
 
 

@@ -362,9 +362,12 @@ async def test_no_password_in_logs_errors_or_repr(
         await pool.wait_for_swap(timeout=10)
         seen += [repr(pool), str(pool.target)]
     write_dsn(dsn_file, pg_a.dsn(user, password + "-wrong"))
-    with pytest.raises(aiohotload.DriverError) as info:
-        await aiohotload.create_pool(url_for(dsn_file))
-    seen.append(str(info.value))
+    # Raised as asyncpg raises it (its text holds no password); last_error names the target.
+    failing = aiohotload.create_pool(url_for(dsn_file))
+    with pytest.raises(asyncpg.InvalidPasswordError) as info:
+        await failing
+    seen += [str(info.value), repr(info.value), str(failing.last_error), repr(failing)]
+    assert "could not open a pool on" in str(failing.last_error)
     seen += [r.getMessage() for r in caplog.records]
     seen += [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
     assert any("swapped" in s for s in seen)
@@ -384,8 +387,12 @@ async def test_bad_input_fails_fast_with_clear_errors(dsn_file: Path) -> None:
         await asyncio.wait_for(aiohotload.create_pool(url_for(dsn_file, debounse="5")), timeout=5)
     with pytest.raises(aiohotload.InvalidOptionError, match="drain_timeout"):
         aiohotload.create_pool(url_for(dsn_file, drain_timeout="soon"))
-    with pytest.raises(aiohotload.DriverError, match=r"127\.0\.0\.1"):
-        await asyncio.wait_for(aiohotload.create_pool(url_for(dsn_file)), timeout=15)
+    # An unreachable server: the error asyncpg raises (here the connection refused, which
+    # names the address); the pool's last_error names the DSN, redacted.
+    unreachable = aiohotload.create_pool(url_for(dsn_file))
+    with pytest.raises(ConnectionRefusedError, match=r"127\.0\.0\.1"):
+        await asyncio.wait_for(unreachable, timeout=15)
+    assert "postgresql://u@127.0.0.1:1/db" in str(unreachable.last_error)
 
 
 async def test_copy_and_executemany_follow_the_swap(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -28,90 +27,23 @@ from aiohotload.fastapi import (
     pool_health,
     pool_ready,
 )
+from tests.support import FakeDriver, QueueStrategy
+
+
+@pytest.fixture
+def strategy() -> Iterator[QueueStrategy]:
+    """The queue strategy with a queue per URL path (one app may open several pools)."""
+    queue = QueueStrategy(per_path=True)
+    aiohotload.register_strategy("queue", queue)
+    yield queue
+    aiohotload.unregister_strategy("queue")
+
 
 # At module level: with postponed annotations FastAPI resolves them in the module's globals.
 Orders = Annotated[HotPool, Depends(pool_dependency("orders"))]
 Users = Annotated[HotPool, Depends(pool_dependency("users"))]
 DSN_A = "postgresql://app:s3cr%40t%2Fpw@db-a:5432/app"
 DSN_B = "postgresql://app:s3cr%40t%2Fpw@db-b:5432/app"
-
-
-class FakeConnection:
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-
-    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> str:
-        return self.dsn
-
-
-class FakePool:
-    """Enough of asyncpg.Pool for a HotPool and a query: fetchval returns the pool's DSN."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.closed = False
-
-    async def _acquire(self, timeout: float | None) -> FakeConnection:
-        return FakeConnection(self.dsn)
-
-    async def release(self, con: FakeConnection, *, timeout: float | None = None) -> None:
-        pass
-
-    async def close(self) -> None:
-        self.closed = True
-
-    def terminate(self) -> None:
-        self.closed = True
-
-    async def expire_connections(self) -> None:
-        pass
-
-    def get_size(self) -> int:
-        return 0 if self.closed else 2
-
-    def get_idle_size(self) -> int:
-        return 0 if self.closed else 1
-
-
-class FakeDriver:
-    """Opens FakePools; a DSN starting with 'bad' fails."""
-
-    def __init__(self) -> None:
-        self.opened: list[FakePool] = []
-
-    async def __call__(self, dsn: str, **kwargs: Any) -> FakePool:
-        if dsn.startswith("bad"):
-            raise ConnectionRefusedError("cannot connect")
-        pool = FakePool(dsn)
-        self.opened.append(pool)
-        return pool
-
-
-class QueueStrategy:
-    """Yields what is put into the queue of the URL's path."""
-
-    def __init__(self) -> None:
-        self.queues: dict[str, asyncio.Queue[str]] = collections.defaultdict(asyncio.Queue)
-
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
-        while True:
-            yield await self.queues[path].get()
-
-
-@pytest.fixture
-def driver() -> Iterator[FakeDriver]:
-    d = FakeDriver()
-    aiohotload.register_driver("apifake", d)
-    yield d
-    aiohotload.unregister_driver("apifake")
-
-
-@pytest.fixture
-def strategy() -> Iterator[QueueStrategy]:
-    s = QueueStrategy()
-    aiohotload.register_strategy("apiqueue", s)
-    yield s
-    aiohotload.unregister_strategy("apiqueue")
 
 
 @contextlib.asynccontextmanager
@@ -177,7 +109,7 @@ async def test_lifespan_opens_the_pool_for_requests_and_closes_it(
     driver: FakeDriver, strategy: QueueStrategy
 ) -> None:
     strategy.queues["/main"].put_nowait(DSN_A)
-    app, seen = make_app(lifespan("apiqueue://apifake/main", min_size=1))
+    app, seen = make_app(lifespan("queue://fake/main", min_size=1))
     async with serving(app) as client:
         first = await client.get("/")
         assert first.status_code == 200
@@ -198,7 +130,7 @@ async def test_url_may_be_a_callable_read_at_startup(
 
     def url() -> str:
         calls.append(1)
-        return "apiqueue://apifake/late"
+        return "queue://fake/late"
 
     app, _ = make_app(lifespan(url))
     assert calls == []
@@ -212,7 +144,7 @@ async def test_health_reports_the_state_with_the_password_redacted(
     driver: FakeDriver, strategy: QueueStrategy
 ) -> None:
     strategy.queues["/main"].put_nowait(DSN_A)
-    app, _ = make_app(lifespan("apiqueue://apifake/main", name="orders"))
+    app, _ = make_app(lifespan("queue://fake/main", name="orders"))
     async with serving(app) as client:
         response = await client.get("/ready")
         assert response.status_code == 200
@@ -237,7 +169,7 @@ async def test_health_reports_the_state_with_the_password_redacted(
                 report = (await client.get("/health")).json()
         assert report["ready"] is True
         assert report["generation"] == 0
-        assert "cannot connect" in report["last_error"]
+        assert "cannot reach" in report["last_error"]
         assert "s3cr" not in response.text + str(report)
 
 
@@ -245,7 +177,7 @@ async def test_ready_answers_503_once_the_pool_is_closing(
     driver: FakeDriver, strategy: QueueStrategy
 ) -> None:
     strategy.queues["/main"].put_nowait(DSN_A)
-    app, seen = make_app(lifespan("apiqueue://apifake/main"))
+    app, seen = make_app(lifespan("queue://fake/main"))
     async with serving(app) as client:
         await client.get("/")
         await seen[0].close()
@@ -285,8 +217,8 @@ async def test_named_pools_and_an_app_lifespan_combined(
     strategy.queues["/users"].put_nowait(DSN_B)
     app = FastAPI(
         lifespan=combine_lifespans(
-            lifespan("apiqueue://apifake/orders", state_key="orders"),
-            lifespan("apiqueue://apifake/users", state_key="users"),
+            lifespan("queue://fake/orders", state_key="orders"),
+            lifespan("queue://fake/users", state_key="users"),
             warm_cache,
             no_state,
         )
@@ -327,7 +259,7 @@ async def test_a_pool_opened_in_the_apps_own_lifespan_works_with_the_dependencie
 ) -> None:
     @contextlib.asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with aiohotload.create_pool("apiqueue://apifake/own") as pool:
+        async with aiohotload.create_pool("queue://fake/own") as pool:
             yield {"pool": pool, "settings": {"debug": False}}
 
     strategy.queues["/own"].put_nowait(DSN_A)
@@ -343,7 +275,7 @@ async def test_duplicate_state_keys_fail_the_startup(
 ) -> None:
     strategy.queues["/a"].put_nowait(DSN_A)
     strategy.queues["/b"].put_nowait(DSN_B)
-    app, _ = make_app(lifespan("apiqueue://apifake/a"), lifespan("apiqueue://apifake/b"))
+    app, _ = make_app(lifespan("queue://fake/a"), lifespan("queue://fake/b"))
     with pytest.raises(ValueError, match="'pool'"):
         async with serving(app):
             pass  # pragma: no cover
@@ -372,7 +304,7 @@ async def test_without_the_lifespan_the_dependency_says_what_is_missing() -> Non
 def test_the_dependency_works_for_websockets_too(
     driver: FakeDriver, strategy: QueueStrategy
 ) -> None:
-    pool = aiohotload.create_pool("apiqueue://apifake/x")  # not opened: only its identity counts
+    pool = aiohotload.create_pool("queue://fake/x")  # not opened: only its identity counts
     noop: Any = None
 
     def websocket(state: dict[str, Any]) -> WebSocket:

@@ -6,10 +6,9 @@ import asyncio
 import gc
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import TypeVar, cast
 
-import anyio
 import pytest
 
 pytest.importorskip("prometheus_client")
@@ -27,20 +26,12 @@ from aiohotload import (
     SwapDone,
 )
 from aiohotload.metrics import HotloadCollector
+from tests.support import FakeDriver, QueueStrategy, until
 
 COUNTERS = ("hotload_change_total", "hotload_reload_failures_total")
 
 
 E = TypeVar("E", bound=Event)
-
-
-async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait for *condition* to hold, polling, with a deadline (for state with no event)."""
-    with anyio.fail_after(timeout):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.001)
 
 
 def next_event(pool: HotPool, kind: type[E]) -> asyncio.Future[E]:
@@ -76,60 +67,6 @@ class Scrape:
         return {ls["pool"] for _, ls, _ in self.samples if "pool" in ls}
 
 
-class FakePool:
-    """Just enough of asyncpg.Pool for the swap machinery; close() can be held."""
-
-    def __init__(self, dsn: str, driver: FakeDriver) -> None:
-        self.dsn = dsn
-        self.closed = False
-        self.terminated = False
-        self._driver = driver
-
-    async def close(self) -> None:
-        await self._driver.closing.wait()
-        self.closed = True
-
-    def terminate(self) -> None:
-        self.terminated = True
-
-    async def expire_connections(self) -> None:
-        pass
-
-    def get_size(self) -> int:
-        return 0 if self.closed or self.terminated else 2
-
-    def get_idle_size(self) -> int:
-        return 0 if self.closed or self.terminated else 1
-
-    def get_min_size(self) -> int:
-        return 2
-
-    def get_max_size(self) -> int:
-        return 2
-
-
-class FakeDriver:
-    """Opens FakePools; DSNs starting with 'bad' fail. Clear ``closing`` to hold closes."""
-
-    def __init__(self) -> None:
-        self.closing = asyncio.Event()
-        self.closing.set()
-
-    async def __call__(self, dsn: str, **kwargs: Any) -> FakePool:
-        if dsn.startswith("bad"):
-            raise ConnectionRefusedError(f"cannot reach {dsn}")
-        return FakePool(dsn, self)
-
-
-class QueueStrategy:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
-
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
-        while True:
-            yield await self.queue.get()
-
-
 class StubPool:
     """The public surface the collector reads, with events emitted by hand."""
 
@@ -158,22 +95,6 @@ class StubPool:
 
     def get_idle_size(self) -> int:
         return 0
-
-
-@pytest.fixture
-def driver() -> Iterator[FakeDriver]:
-    d = FakeDriver()
-    aiohotload.register_driver("fake", d)
-    yield d
-    aiohotload.unregister_driver("fake")
-
-
-@pytest.fixture
-def strategy() -> Iterator[QueueStrategy]:
-    s = QueueStrategy()
-    aiohotload.register_strategy("queue", s)
-    yield s
-    aiohotload.unregister_strategy("queue")
 
 
 @pytest.fixture

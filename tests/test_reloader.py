@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -13,31 +13,7 @@ import aiohotload
 from aiohotload.events import Event, ReloadFailed, ReloadStarted
 from aiohotload.reloader import Reloader
 from aiohotload.url import parse_url
-
-
-async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.001)
-
-
-class QueueStrategy:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
-
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
-        while True:
-            yield await self.queue.get()
-
-
-@pytest.fixture
-def strategy() -> Iterator[QueueStrategy]:
-    s = QueueStrategy()
-    aiohotload.register_strategy("rqueue", s)
-    yield s
-    aiohotload.unregister_strategy("rqueue")
+from tests.support import QueueStrategy, until
 
 
 @dataclass
@@ -66,19 +42,23 @@ class Owner:
             await self.slow.wait()
         return f"conn({dsn})"
 
-    def swap(self, dsn: str, opened: str, seconds: float) -> None:
+    def swap(self, opened: str, seconds: float, reason: str) -> None:
         assert self.current is not None
+        dsn = opened[len("conn(") : -1]
         self.swaps.append((dsn, opened))
         self.current = Current(self.current.number + 1, dsn, dsn)
 
-    def reloader(self, url: str = "rqueue://x/p") -> Reloader[str]:
+    def discard(self, opened: str) -> None:
+        self.closed.append(opened)
+
+    def serving(self) -> Current | None:
+        return self.current
+
+    def reloader(self, url: str = "queue://x/p") -> Reloader[str]:
         return Reloader(
             parse_url(url),
             name="test",
-            open=self.open,
-            close=self.closed.append,
-            swap=self.swap,
-            serving=lambda: self.current,
+            owner=self,
             emit=self.events.append,
             action="connect to",
         )
@@ -155,7 +135,7 @@ async def test_nothing_is_swapped_once_the_owner_serves_nothing(strategy: QueueS
 
 
 async def test_first_is_bounded_by_connect_timeout(strategy: QueueStrategy) -> None:
-    reloader = Owner().reloader("rqueue://x/p?connect_timeout=50ms")
+    reloader = Owner().reloader("queue://x/p?connect_timeout=50ms")
     async with anyio.create_task_group() as tg:
         tg.start_soon(reloader.run)
         with pytest.raises(aiohotload.StrategyError, match="connect_timeout"):

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import aiohotload
-from aiohotload.sqlalchemy import HotEngine, create_async_engine
+from aiohotload.sqlalchemy import HotEngine, _EngineGeneration, create_async_engine
 
 
 def test_is_an_async_engine_without_a_dsn_of_its_own(tmp_path: Path) -> None:
@@ -82,10 +82,10 @@ class FakeRecord:
 
 async def test_checkout_refuses_an_old_connection_once_unless_it_is_new(tmp_path: Path) -> None:
     engine = create_async_engine(f"watchfiles://postgres{tmp_path}/dsn")
-    old = engine._new_generation("postgresql://a", 0.0)
-    engine._retire(old, force=False)  # no task group: forgotten at once
-    new = engine._new_generation("postgresql://b", 0.0)
-    stale = FakeRecord(**{"aiohotload.generation": old.number})
+    old = _EngineGeneration("postgresql://a")
+    old.retired = True
+    new = _EngineGeneration("postgresql://b")
+    stale = FakeRecord(**{"aiohotload.generation": old})
     # An idle connection of a replaced DSN: SQLAlchemy is told to replace it.
     with pytest.raises(DisconnectionError):
         engine._on_checkout(None, stale, None)  # type: ignore[arg-type]
@@ -95,7 +95,7 @@ async def test_checkout_refuses_an_old_connection_once_unless_it_is_new(tmp_path
     engine._on_checkin(object(), stale)  # type: ignore[arg-type]
     assert stale.invalidated == 1
     # One of the current DSN goes back to the pool.
-    current = FakeRecord(**{"aiohotload.generation": new.number})
+    current = FakeRecord(**{"aiohotload.generation": new})
     engine._on_checkout(None, current, None)  # type: ignore[arg-type]
     assert new.out == {cast(Any, current)}
     engine._on_checkin(object(), current)  # type: ignore[arg-type]

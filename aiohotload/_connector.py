@@ -1,0 +1,109 @@
+"""The ``connect=`` callback of each inner asyncpg pool: what the pool needs to know about the
+connections it opens, and the means to stop opening them.
+
+- It can be *stopped* (the generation is retired): attempts in progress are abandoned and new
+  ones refused at once. Terminating an asyncpg pool closes the connections it has, not those
+  it is opening: a caller waiting for a new connection to an old server that stopped answering
+  would wait for asyncpg's connect timeout (60 s), long after the swap.
+- It reports a login the server refused (wrong password, unknown role), so the pool can ask
+  its strategy to look again.
+- It gives each connection a deadline when the pool has a ``max_lifetime``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+__all__ = ["Connector", "abandon", "refused_login"]
+
+# SQLSTATEs of a login the server refused: invalid_authorization_specification (also an
+# unknown role) and invalid_password.
+_REFUSED = frozenset({"28000", "28P01"})
+
+
+def refused_login(exc: BaseException) -> bool:
+    """Whether *exc* is the server refusing a login (not a network or server failure)."""
+    return getattr(exc, "sqlstate", None) in _REFUSED
+
+
+class Connector:
+    """``connect=`` for one inner pool: *connect* (``asyncpg.connect`` or the user's own),
+    until :meth:`stop`."""
+
+    __slots__ = ("_connect", "_lifetime", "_on_refused", "_stop", "_stopped", "deadlines")
+
+    def __init__(
+        self,
+        connect: Callable[..., Awaitable[asyncpg.Connection]],
+        on_refused: Callable[[], None],
+        lifetime: tuple[float, float] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._on_refused = on_refused
+        self._lifetime = lifetime  # (max_lifetime, jitter fraction)
+        self._stopped = False
+        self._stop: asyncio.Future[None] | None = None  # made on first use, in the loop
+        self.deadlines: weakref.WeakKeyDictionary[asyncpg.Connection, float] = (
+            weakref.WeakKeyDictionary()
+        )
+        """When each connection's lifetime ends (``loop.time()``), with a ``max_lifetime``."""
+
+    def stop(self) -> None:
+        """Abandon the connections being opened and open no more. Needs no running loop."""
+        self._stopped = True
+        if self._stop is not None and not self._stop.done():
+            # RuntimeError: the loop is closed, nothing is being opened any more.
+            with contextlib.suppress(RuntimeError):
+                self._stop.set_result(None)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        if self._stopped:
+            raise asyncpg.InterfaceError("pool is closing: no new connections")
+        loop = asyncio.get_running_loop()
+        if self._stop is None:
+            self._stop = loop.create_future()
+        # A task of its own, so stop() can abandon it without cancelling the caller.
+        opening = asyncio.ensure_future(self._connect(*args, **kwargs))
+        try:
+            await asyncio.wait((opening, self._stop), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled
+            abandon(opening)
+            raise
+        # Stopped wins even over a connection made in the same instant: the pool it would go
+        # to is being retired, and would never close it.
+        if self._stop.done():
+            abandon(opening)
+            raise asyncpg.InterfaceError("pool is closing: connection attempt abandoned")
+        try:
+            con = opening.result()
+        except Exception as exc:
+            if refused_login(exc):
+                self._on_refused()
+            raise
+        if self._lifetime is not None:
+            lifetime, jitter = self._lifetime
+            # Spread so connections opened together are not all replaced together.
+            self.deadlines[con] = loop.time() + lifetime * (1.0 - jitter * random.random())
+        return con
+
+
+def abandon(opening: asyncio.Future[asyncpg.Connection]) -> None:
+    """Give up a connection attempt (a task running ``asyncpg.connect``): cancel it, or close
+    the connection it made anyway, also when it completes in the same instant."""
+    if not opening.done():
+        opening.cancel()  # asyncpg closes the socket of a cancelled connect
+    # Done now or later: a connection it made after all is closed, an error of its own is
+    # retrieved, unlogged.
+    opening.add_done_callback(_close_if_connected)
+
+
+def _close_if_connected(opening: asyncio.Future[asyncpg.Connection]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().terminate()

@@ -1,0 +1,160 @@
+"""HotPool's generations: one inner asyncpg pool per DSN, and the lifecycle's operations on
+them (open and validate, retire, wait until idle, close, kill, terminate)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from . import _asyncpg
+from ._connector import Connector
+from ._lifecycle import Generation
+from .drivers import Driver, asyncpg_driver
+from .dsn import as_url
+
+__all__ = ["Inner", "InnerPools", "Retired"]
+
+logger = logging.getLogger("aiohotload")
+
+# Bound on closing an idle connection of a retired pool (its server may have gone silent).
+_CLOSE_TIMEOUT = 5.0
+
+
+class Retired(asyncpg.InterfaceError):
+    """Raised in a caller queued on a pool that was just retired: it moves to the new one."""
+
+
+class Inner(Generation):
+    """One inner pool, and the number of callers inside it."""
+
+    __slots__ = ("acquire", "connector", "idle", "pool", "users")
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        self.pool: Any = None  # an asyncpg.Pool, or a third-party driver's pool
+        self.acquire: Callable[[float | None], Awaitable[PoolConnectionProxy]]
+        self.connector: Connector | None = None
+        self.users = 0
+        self.idle = asyncio.Event()  # set once retired with no user left
+
+    def leave(self) -> None:
+        """A caller is done with this generation."""
+        self.users -= 1
+        if self.users == 0 and self.retired:
+            self.idle.set()
+
+
+class InnerPools:
+    """The lifecycle's operations (:class:`~aiohotload._lifecycle.Ops`) for HotPool."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        pool_kwargs: dict[str, Any],
+        connect_kwargs: dict[str, Any],
+        lifetime: tuple[float, float] | None,
+    ) -> None:
+        self._driver = driver
+        self._pool_kwargs = pool_kwargs
+        self.connect_kwargs = connect_kwargs
+        """Passed to every connection of later generations (``set_connect_args``)."""
+        self._lifetime = lifetime
+        self.on_login_refused: Callable[[Generation], None] = lambda gen: None
+        self.forked = False  # inherited by a forked child: touch nothing of the parent's
+
+    async def open(self, dsn: str) -> Inner:
+        """Open an inner pool on *dsn* and prove it: acquire and release one connection, so
+        a new connection is made (``init`` runs) and set up (``setup`` runs) as the pool's
+        connections will be, whatever ``min_size`` is."""
+        gen = Inner(dsn)
+        kwargs = {**self._pool_kwargs, **self.connect_kwargs}
+        if self._driver is asyncpg_driver:
+            gen.connector = Connector(
+                kwargs.pop("connect", None) or asyncpg.connect,
+                lambda: self.on_login_refused(gen),
+                self._lifetime,
+            )
+            kwargs["connect"] = gen.connector
+        pool = await self._driver(dsn, **kwargs)
+        try:
+            async with pool.acquire():
+                pass
+        except BaseException:
+            self._stop(gen, pool)
+            raise
+        gen.pool = pool
+        gen.acquire = _asyncpg.fast_acquire(pool)
+        return gen
+
+    def set_connect_args(self, gen: Inner, connect_kwargs: dict[str, Any]) -> None:
+        """Use *connect_kwargs* for *gen*'s new connections from now on."""
+        self.connect_kwargs = connect_kwargs
+        if isinstance(gen.pool, asyncpg.Pool):
+            gen.pool.set_connect_args(as_url(gen.dsn), **connect_kwargs)
+
+    def discard(self, gen: Inner) -> None:
+        """Terminate a pool that never served."""
+        self._stop(gen, gen.pool)
+
+    def retire(self, gen: Inner) -> None:
+        """Open nothing more for *gen*; move its waiting callers on; its connections close
+        as they are released."""
+        if self.forked:
+            return
+        if gen.users == 0:
+            gen.idle.set()
+        if gen.connector is not None:
+            gen.connector.stop()
+        _asyncpg.stop_refilling(gen.pool)
+        _asyncpg.expire(gen.pool)
+        moved = _asyncpg.wake_waiters(gen.pool, lambda: Retired("pool was replaced"))
+        if moved:
+            logger.debug("moved %d waiting caller(s) off generation %d", moved, gen.number)
+
+    async def wait_idle(self, gen: Inner) -> None:
+        """Close *gen*'s idle connections now, then wait for the callers still using it."""
+        if self.forked:
+            return
+        if not isinstance(gen.pool, asyncpg.Pool):
+            await gen.pool.expire_connections()
+        closing = _asyncpg.close_idle(gen.pool, _CLOSE_TIMEOUT)
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
+        await gen.idle.wait()
+
+    async def close(self, gen: Inner) -> None:
+        """Close an idle pool gracefully."""
+        if not self.forked:
+            await gen.pool.close()
+
+    async def kill(self, gen: Inner) -> int:
+        """Cancel on the server what *gen*'s checked-out connections run, then terminate it;
+        returns how many cancel requests were sent."""
+        if self.forked:
+            return 0
+        # Before the cancel requests: callers waiting on a new connection to the old server
+        # move on now.
+        if gen.connector is not None:
+            gen.connector.stop()
+        cancelled = await _asyncpg.cancel_queries(_asyncpg.in_use(gen.pool))
+        self._stop(gen, gen.pool)
+        return cancelled
+
+    def terminate(self, gen: Inner) -> None:
+        """Terminate *gen* at once."""
+        if not self.forked:
+            self._stop(gen, gen.pool)
+
+    def _stop(self, gen: Inner, pool: Any) -> None:
+        if gen.connector is not None:
+            gen.connector.stop()
+        for con in _asyncpg.all_connections(pool):
+            _asyncpg.abort(con)
+        with contextlib.suppress(asyncpg.InterfaceError):  # never initialised
+            pool.terminate()
