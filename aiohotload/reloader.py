@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
@@ -25,6 +24,7 @@ from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted
 from .redact import redact_dsn, redact_text, secrets_of
 from .strategies import Feedback, Strategy, get_strategy, open_watch, takes_feedback
+from .strategies.toolkit import Backoff
 from .url import HotloadURL
 
 __all__ = ["Reloader", "Serving", "report_drain"]
@@ -34,8 +34,7 @@ logger = logging.getLogger("aiohotload")
 T = TypeVar("T")
 
 # Retry delays after a failed reload: doubling from the first, capped, with jitter.
-_RETRY_FIRST = 0.25
-_RETRY_MAX = 15.0
+_RETRY = Backoff(first=0.25, maximum=15.0, jitter=0.2)
 # Bound on letting a strategy release its resources when it is stopped.
 _ACLOSE_TIMEOUT = 5.0
 
@@ -352,8 +351,7 @@ class Reloader(Generic[T]):
 
 
 def _retry_delay(failures: int) -> float:
-    base = min(_RETRY_MAX, _RETRY_FIRST * 2.0 ** min(failures - 1, 16))
-    return base * random.uniform(0.8, 1.2)
+    return _RETRY.delay(failures)
 
 
 def _describe(exc: BaseException, secrets: Sequence[str]) -> str:

@@ -31,13 +31,14 @@ from watchfiles import Change
 # Unlike watch(), its constructor returns once the OS watch is installed, or raises.
 from watchfiles._rust_notify import RustNotify
 
+from .toolkit import describe_error
+
 __all__ = [
     "Changes",
     "Interest",
     "Subscription",
     "UnwatchableError",
     "WatchSettings",
-    "error_reason",
     "subscribe",
 ]
 
@@ -308,9 +309,9 @@ class _Hub:
     def failed(self, watcher: _Watcher, exc: BaseException) -> None:
         """*watcher*'s thread ended with *exc* (called in the loop)."""
         if watcher.stopping:
-            logger.debug("watching %s failed while stopping: %s", watcher, error_reason(exc))
+            logger.debug("watching %s failed while stopping: %s", watcher, describe_error(exc))
             return
-        logger.warning("watching %s failed: %s; restarting", watcher, error_reason(exc))
+        logger.warning("watching %s failed: %s; restarting", watcher, describe_error(exc))
         watcher.stale = True
         # It may fail again at once: pause rather than spin.
         self._resume_at = time.monotonic() + self.settings.poll_delay / 1000
@@ -391,7 +392,7 @@ class _Hub:
         try:
             return _Watcher(dirs, self), ""
         except (OSError, RuntimeError) as exc:  # watchfiles' errors, or no thread to be had
-            return None, error_reason(exc)
+            return None, describe_error(exc)
 
     def _culprits(self, suspects: list[str], reason: str) -> dict[str, str]:
         """Which of *suspects* cannot be watched, given that all of them failed with *reason*."""
@@ -403,7 +404,7 @@ class _Hub:
             try:
                 RustNotify([d], False, s.polling, s.poll_delay, False, False).close()
             except (OSError, RuntimeError) as exc:
-                bad[d] = error_reason(exc)
+                bad[d] = describe_error(exc)
         # Each works alone but not all together (a limit on watches): give up on all for now.
         return bad or dict.fromkeys(suspects, reason)
 
@@ -586,10 +587,3 @@ def _identity(directory: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
-
-
-def error_reason(exc: BaseException | None) -> str:
-    """A short reason for *exc*, without its arguments' repr."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

@@ -14,7 +14,6 @@ import base64
 import json
 import logging
 import os
-import random
 import re
 import socket
 import ssl
@@ -33,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ..errors import InvalidOptionError, InvalidURLError, SourceError, StrategyError
 from ..redact import redact_dsn, redact_text
-from ..url import _shorten, parse_duration
+from .toolkit import Backoff, OptionReader, describe_error, quoted
 
 __all__ = ["EtcdStrategy"]
 
@@ -46,8 +45,7 @@ _DEFAULT_PORT = 2379
 _MAX_BYTES = 64 * 1024
 # Reconnect delays after every endpoint failed once more: doubling, with jitter, so that many
 # replicas watching one key do not reconnect in lockstep after an etcd outage.
-_MIN_BACKOFF = 0.1
-_MAX_BACKOFF = 5.0
+_BACKOFF = Backoff(first=0.1, maximum=5.0)
 _TLS_OPTIONS = ("ca_file", "cert_file", "key_file")
 _KNOWN_OPTIONS = ("endpoints", "timeout", *_TLS_OPTIONS, "user", "password")
 # gRPC status codes the gateway reports (google.golang.org/grpc/codes).
@@ -275,7 +273,7 @@ class _Etcd:
                     # A progress notification: everything up to its revision was sent.
                     yield _Batch((), _int(result.get("header", {}).get("revision")))
         except _NETWORK_ERRORS as exc:
-            raise _UnavailableError(self._scrub(_describe(exc))) from None
+            raise _UnavailableError(self._scrub(describe_error(exc))) from None
         finally:
             with anyio.CancelScope(shield=True):
                 aclose = getattr(lines, "aclose", None)  # httpx types it as an AsyncIterator
@@ -326,7 +324,7 @@ class _Etcd:
         except StopAsyncIteration:
             raise _UnavailableError("etcd closed the watch stream") from None
         except _NETWORK_ERRORS as exc:
-            raise _UnavailableError(self._scrub(_describe(exc))) from None
+            raise _UnavailableError(self._scrub(describe_error(exc))) from None
         return response, lines
 
     def _watch_result(self, line: str) -> dict[str, Any]:
@@ -388,7 +386,7 @@ class _Etcd:
         except TimeoutError:
             raise _UnavailableError(f"no answer within {self._opts.timeout:g}s") from None
         except _NETWORK_ERRORS as exc:
-            raise _UnavailableError(self._scrub(_describe(exc))) from None
+            raise _UnavailableError(self._scrub(describe_error(exc))) from None
         if response.status_code != httpx.codes.OK:
             raise self._http_error(response)
         try:
@@ -511,9 +509,7 @@ def _backoff(failures: int, endpoints: int) -> float:
     is still untried in this round, then doubling per round, with jitter."""
     if failures % endpoints:
         return 0.0
-    rounds = failures // endpoints
-    delay = min(_MAX_BACKOFF, _MIN_BACKOFF * (1 << min(rounds - 1, 16)))
-    return delay * random.uniform(0.5, 1.0)
+    return _BACKOFF.delay(failures // endpoints)
 
 
 # TCP keepalive: an established watch is silent until a change, so a peer that vanished
@@ -550,11 +546,6 @@ def _int(value: object) -> int:
         return 0
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _key_of(path: str) -> str:
     # The slash after the driver separates it from the key; a second slash starts the key.
     key = path[1:] if path.startswith("/") else path
@@ -568,12 +559,7 @@ def _key_of(path: str) -> str:
 
 
 def _parse_options(options: Mapping[str, str]) -> _Options:
-    for name in options:
-        if name not in _KNOWN_OPTIONS:
-            raise InvalidOptionError(
-                f"unknown option {_shorten(name)!r} for the etcd strategy; "
-                f"known: {', '.join(sorted(_KNOWN_OPTIONS))}"
-            )
+    opts = OptionReader("etcd", options, _KNOWN_OPTIONS)
     files = {name: _file_option(options, name) for name in _TLS_OPTIONS}
     if files["key_file"] and not files["cert_file"]:
         raise InvalidOptionError("option 'key_file' needs 'cert_file' (the client certificate)")
@@ -586,11 +572,7 @@ def _parse_options(options: Mapping[str, str]) -> _Options:
     tls = any(files.values())
     return _Options(
         endpoints=_parse_endpoints(options.get("endpoints", DEFAULT_ENDPOINT), tls=tls),
-        timeout=(
-            parse_duration("timeout", options["timeout"], allow_zero=False)
-            if "timeout" in options
-            else DEFAULT_TIMEOUT
-        ),
+        timeout=opts.duration("timeout", DEFAULT_TIMEOUT),
         ca_file=files["ca_file"],
         cert_file=files["cert_file"],
         key_file=files["key_file"],
@@ -621,7 +603,7 @@ def _endpoint(item: str, *, tls: bool) -> str:
     """``http(s)://host:port`` for an endpoint given as ``host[:port]`` or a URL."""
     text = item if "://" in item else f"{'https' if tls else 'http'}://{item}"
     bad = InvalidOptionError(
-        f"option 'endpoints': {_shorten(item)!r} is not host:port or http(s)://host:port"
+        f"option 'endpoints': {quoted(item)} is not host:port or http(s)://host:port"
     )
     try:
         parts = urlsplit(text)
@@ -640,7 +622,7 @@ def _endpoint(item: str, *, tls: bool) -> str:
         raise bad
     if tls and parts.scheme == "http":
         raise InvalidOptionError(
-            f"option 'endpoints': {_shorten(item)!r} is plain http://, but TLS options "
+            f"option 'endpoints': {quoted(item)} is plain http://, but TLS options "
             f"({', '.join(_TLS_OPTIONS)}) are given"
         )
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
@@ -655,7 +637,7 @@ def _ssl_context(opts: _Options) -> ssl.SSLContext | None:
         context = ssl.create_default_context(cafile=opts.ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise InvalidOptionError(
-            f"option 'ca_file': cannot load {opts.ca_file!r}: {_reason(exc)}"
+            f"option 'ca_file': cannot load {opts.ca_file!r}: {describe_error(exc)}"
         ) from None
     if opts.cert_file:
         try:
@@ -663,13 +645,6 @@ def _ssl_context(opts: _Options) -> ssl.SSLContext | None:
         except (OSError, ssl.SSLError) as exc:
             names = "'cert_file'" if opts.key_file is None else "'cert_file' and 'key_file'"
             raise InvalidOptionError(
-                f"options {names}: cannot load the client certificate: {_reason(exc)}"
+                f"options {names}: cannot load the client certificate: {describe_error(exc)}"
             ) from None
     return context
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        name = exc.filename if isinstance(exc.filename, str) else None
-        return f"{exc.strerror} ({name!r})" if name else exc.strerror
-    return str(exc) or type(exc).__name__

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -18,10 +17,9 @@ from dataclasses import dataclass
 
 import anyio
 
-from ..errors import InvalidOptionError, InvalidURLError, SourceError
-from ..url import _shorten, parse_bool
+from ..errors import InvalidURLError, SourceError
 from ._watch_hub import Changes, UnwatchableError, WatchSettings, subscribe
-from ._watch_hub import error_reason as _reason
+from .toolkit import OptionReader, describe_error
 
 __all__ = ["WatchfilesStrategy"]
 
@@ -33,10 +31,8 @@ _MAX_MS = 86_400_000
 _MAX_BYTES = 64 * 1024
 # Bounds the cleanup when the consumer stops; closing takes at most about one `step`.
 _CLOSE_TIMEOUT = 5.0
-_MS = re.compile(r"\s*([0-9]+)\s*")
-_INT_OPTIONS = {"debounce": 1, "step": 1, "poll_delay": 1, "recheck": 0}  # name -> minimum
-_POLLING_ALIASES = ("polling", "force_polling")
-_KNOWN_OPTIONS = ", ".join(sorted([*_INT_OPTIONS, *_POLLING_ALIASES]))
+_MS_OPTIONS = {"debounce": 1, "step": 1, "poll_delay": 1, "recheck": 0}  # name -> minimum
+_KNOWN_OPTIONS = (*_MS_OPTIONS, "polling", "force_polling")
 
 
 @dataclass(frozen=True)
@@ -180,7 +176,7 @@ def _read(path: str) -> str:
     except FileNotFoundError:
         raise _UnreadableError("does not exist") from None
     except OSError as exc:
-        raise _UnreadableError(f"cannot be opened: {_reason(exc)}") from None
+        raise _UnreadableError(f"cannot be opened: {describe_error(exc)}") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -195,7 +191,7 @@ def _read(path: str) -> str:
             if size > _MAX_BYTES:
                 raise _UnreadableError(f"is larger than {_MAX_BYTES} bytes")
     except OSError as exc:
-        raise _UnreadableError(f"cannot be read: {_reason(exc)}") from None
+        raise _UnreadableError(f"cannot be read: {describe_error(exc)}") from None
     finally:
         os.close(fd)
     try:
@@ -216,41 +212,15 @@ def _try_read(path: str) -> str | None:
 
 
 def _parse_options(options: Mapping[str, str]) -> _Options:
-    ms: dict[str, int] = {}
-    polling: bool | None = None  # None: not given, so a second spelling can be caught
-    for name, value in options.items():
-        if name in _INT_OPTIONS:
-            ms[name] = _parse_ms(name, value, _INT_OPTIONS[name])
-        elif name in _POLLING_ALIASES:
-            if polling is not None:
-                raise InvalidOptionError(
-                    "options 'polling' and 'force_polling' mean the same; give one"
-                )
-            polling = parse_bool(name, value)
-        else:
-            raise InvalidOptionError(
-                f"unknown option {_shorten(name)!r} for the watchfiles strategy; "
-                f"known: {_KNOWN_OPTIONS}"
-            )
+    opts = OptionReader("watchfiles", options, _KNOWN_OPTIONS)
     defaults = _Options()
-    return _Options(
-        debounce=ms.get("debounce", defaults.debounce),
-        step=ms.get("step", defaults.step),
-        polling=defaults.polling if polling is None else polling,
-        poll_delay=ms.get("poll_delay", defaults.poll_delay),
-        recheck=ms.get("recheck", defaults.recheck),
-    )
-
-
-def _parse_ms(name: str, value: str, minimum: int) -> int:
-    m = _MS.fullmatch(value)
-    number = int(m.group(1)) if m else -1
-    if not minimum <= number <= _MAX_MS:
-        raise InvalidOptionError(
-            f"option {name!r} must be a whole number of milliseconds from {minimum} "
-            f"to {_MAX_MS}; got {_shorten(value)!r}"
+    ms = {
+        name: opts.integer(
+            name, getattr(defaults, name), minimum=minimum, maximum=_MAX_MS, unit="milliseconds"
         )
-    return number
+        for name, minimum in _MS_OPTIONS.items()
+    }
+    return _Options(**ms, polling=opts.boolean("polling", defaults.polling, "force_polling"))
 
 
 def _absolute(path: str) -> str:
@@ -268,7 +238,7 @@ def _check_directory(path: str, parent: str) -> None:
         raise SourceError(f"directory {parent!r} of DSN file {path!r} does not exist") from None
     except OSError as exc:
         raise SourceError(
-            f"cannot access directory {parent!r} of DSN file {path!r}: {_reason(exc)}"
+            f"cannot access directory {parent!r} of DSN file {path!r}: {describe_error(exc)}"
         ) from None
     if not stat.S_ISDIR(mode):
         raise SourceError(f"{parent!r}, the parent of DSN file {path!r}, is not a directory")
