@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -195,6 +196,7 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM), killing it if it lingers."""
+        self.thaw()
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -207,10 +209,22 @@ class EtcdServer:
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
+        self.thaw()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): its sockets stay open, it answers nothing, as a hung
+        member would (a stalled disk, a frozen VM)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen process run again (SIGCONT)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()
@@ -228,6 +242,16 @@ class EtcdServer:
         return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------------ admin requests
+
+    async def metric(self, name: str) -> float:
+        """The value of metric *name* (a gauge or counter without labels) from ``/metrics``."""
+        async with self._client() as client:
+            response = await client.get(f"{self.url}/metrics")
+        for line in response.text.splitlines():
+            metric, _, value = line.partition(" ")
+            if metric == name:
+                return float(value)
+        raise EtcdServerError(f"no metric {name!r} at {self.url}/metrics")
 
     async def put(self, key: str, value: str) -> int:
         """Put *value* at *key*; the revision of the change."""
