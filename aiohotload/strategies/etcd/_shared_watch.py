@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -103,7 +104,10 @@ class SharedWatch:
         sub = Subscriber(self)
         self._subscribers.add(sub)
         if self._task is None:
-            self._task = self._loop.create_task(self._run(), name=f"aiohotload-etcd-{self.key}")
+            # A fresh context: the task serves every subscriber, not the one that started it.
+            self._task = contextvars.Context().run(
+                self._loop.create_task, self._run(), name=f"aiohotload-etcd-{self.key}"
+            )
         return sub
 
     async def leave(self, sub: Subscriber) -> None:
