@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import anyio
 from ..errors import InvalidOptionError, InvalidURLError, SourceError, StrategyError
 from ..redact import redact_dsn, redact_text
 from ._secret import SecretFormatError, dsn_from_secret
+from .feedback import Feedback
 from .toolkit import Backoff, OptionReader, describe_error, quoted
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ _THROTTLED = frozenset(
 _TRANSIENT = frozenset(
     {"InternalServiceError", "InternalFailure", "ServiceUnavailable", "RequestTimeout"}
 )
+# Polls asked for by the pool come no sooner than this after the last poll.
+_MIN_POLL_GAP = 1.0
 # Bounds closing the client when the pool stops.
 _CLOSE_TIMEOUT = 5.0
 # Attempts botocore makes per poll (its "standard" retry mode backs off between them).
@@ -84,9 +88,16 @@ class AwsSecretsManagerStrategy:
 
     A secret deleted, denied or unreadable later is logged and the current DSN kept. The
     secret's value is never logged unredacted nor put in an exception.
+
+    When the pool asks (*feedback*: a login with the current DSN was refused, as in the
+    window of a single-user rotation), the secret is polled at once rather than at the next
+    interval; never sooner than 1 s after the last poll, nor while backing off after a
+    throttled or failed one, so the account's API quota is respected.
     """
 
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:
+    async def watch(
+        self, path: str, options: Mapping[str, str], *, feedback: Feedback | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the DSN in secret *path*, then each new DSN, until closed.
 
         Raises :class:`~aiohotload.InvalidOptionError`, :class:`~aiohotload.InvalidURLError`,
@@ -113,7 +124,7 @@ class AwsSecretsManagerStrategy:
             failures = 0  # consecutive throttled or transient failures, for the backoff
             last_failure: str | None = None
             while True:
-                await anyio.sleep(_delay(opts.interval, failures))
+                await _until_next_poll(time.monotonic(), opts.interval, failures, feedback, what)
                 try:
                     version = await _read(client, secret_id, opts)
                 except _ReadError as exc:
@@ -155,6 +166,31 @@ class AwsSecretsManagerStrategy:
             # Shielded: a cancelled pool must still close the client's HTTP connections.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await stack.aclose()
+
+
+async def _until_next_poll(
+    polled_at: float, interval: float, failures: int, feedback: Feedback | None, what: str
+) -> None:
+    """Wait until the next poll is due: the interval (or the backoff) after the poll at
+    *polled_at*, or sooner if the pool asks for it."""
+    due = polled_at + _delay(interval, failures)
+    while (left := due - time.monotonic()) > 0:
+        if feedback is None:
+            await anyio.sleep(left)
+            return
+        news = await feedback.wait(left)  # released DSNs need nothing: no lease to free
+        if news.refresh:
+            due = _next_poll(polled_at, due, asked=True, backing_off=failures > 0)
+            wait = max(0.0, due - time.monotonic())
+            logger.debug("the pool asked for a fresh %s; polling in %.1fs", what, wait)
+
+
+def _next_poll(polled_at: float, due: float, *, asked: bool, backing_off: bool) -> float:
+    """When the next poll is due, given that it was due at *due*, when the last poll was at
+    *polled_at*, and whether the pool *asked* for a fresh value."""
+    if not asked or backing_off:
+        return due  # throttled or failing: polling sooner would make it worse
+    return min(due, polled_at + _MIN_POLL_GAP)
 
 
 class _ReadError(Exception):

@@ -23,6 +23,7 @@ class EnvStrategy:
     """Yields the stripped value of the environment variable the URL's path names, once.
 
     Takes no options. The value is never put in an exception and is logged only redacted.
+    It takes no feedback either: asked for a fresh value, it would have nothing new to read.
     """
 
     async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:

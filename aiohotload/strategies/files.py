@@ -8,6 +8,7 @@ on the event loop (see ``_watch_hub``), so many pools cost one watcher thread, n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 import anyio
 
 from ..errors import InvalidURLError, SourceError
-from ._watch_hub import Changes, UnwatchableError, WatchSettings, subscribe
+from ._watch_hub import Changes, Subscription, UnwatchableError, WatchSettings, subscribe
+from .feedback import Feedback
 from .toolkit import OptionReader, describe_error
 
 __all__ = ["WatchfilesStrategy"]
@@ -75,8 +77,13 @@ class WatchfilesStrategy:
     The file's content is never logged nor put in an exception: it holds a password.
     """
 
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:
+    async def watch(
+        self, path: str, options: Mapping[str, str], *, feedback: Feedback | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the DSN in *path* (an absolute path), then each new DSN, until closed.
+
+        On the pool's request (*feedback*: a login with the current DSN was refused) the file
+        is read again at once, should a change have gone unseen.
 
         Raises :class:`~aiohotload.InvalidOptionError`, :class:`~aiohotload.InvalidURLError`
         or, if the file cannot be read at start, :class:`~aiohotload.SourceError`.
@@ -105,7 +112,7 @@ class WatchfilesStrategy:
                 timeout = None
                 if opts.reread > 0:
                     timeout = max(0.0, last_read + opts.reread / 1000 - time.monotonic())
-                await sub.wait(timeout)
+                asked = await _next_look(sub, feedback, timeout)
                 # The file's links may point elsewhere now: follow them before reading.
                 await sub.update(_Layout.of(path))
                 last_read = time.monotonic()
@@ -113,7 +120,8 @@ class WatchfilesStrategy:
                 if value is None:
                     continue
                 if value == current:
-                    logger.debug("DSN file %s re-read, unchanged", path)
+                    why = " on the pool's request" if asked else ""
+                    logger.debug("DSN file %s re-read%s, unchanged", path, why)
                     continue
                 current = value
                 logger.debug("DSN file %s changed", path)
@@ -122,6 +130,32 @@ class WatchfilesStrategy:
             # Shielded: when an anyio scope cancels the consumer, the subscription must still end.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await sub.aclose()
+
+
+async def _next_look(sub: Subscription, feedback: Feedback | None, timeout: float | None) -> bool:
+    """Wait for a reason to read the file again (see :meth:`Subscription.wait`) or for the
+    pool to ask for it; True if the pool asked."""
+    if feedback is None:
+        await sub.wait(timeout)
+        return False
+    asked = asyncio.ensure_future(_refresh_requested(feedback))
+
+    def wake(task: asyncio.Future[None]) -> None:
+        if not task.cancelled():
+            sub.wake()
+
+    asked.add_done_callback(wake)
+    try:
+        await sub.wait(timeout)
+    finally:
+        asked.cancel()
+    return asked.done() and not asked.cancelled()
+
+
+async def _refresh_requested(feedback: Feedback) -> None:
+    # Released DSNs need nothing here: a file holds no resource per DSN.
+    while not (await feedback.wait()).refresh:
+        pass
 
 
 @dataclass(frozen=True)
