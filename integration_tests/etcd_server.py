@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -22,7 +23,15 @@ from typing import Any
 
 import httpx
 
-__all__ = ["EtcdServer", "EtcdServerError", "TcpProxy", "TlsFiles", "find_etcd", "make_tls_files"]
+__all__ = [
+    "EtcdServer",
+    "EtcdServerError",
+    "TcpProxy",
+    "TlsFiles",
+    "connections_to",
+    "find_etcd",
+    "make_tls_files",
+]
 
 #: Longest wait for a started server to answer.
 READY_TIMEOUT = 20.0
@@ -37,6 +46,25 @@ def find_etcd() -> str | None:
     return shutil.which("etcd") or next(
         (p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if Path(p).is_file()), None
     )
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections from this process to loopback *port* (Linux's /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                ours.add(link.removeprefix("socket:[").removesuffix("]"))
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                established = fields[3] == "01"
+                count += remote_port == port and established and fields[9] in ours
+    return count
 
 
 def free_port() -> int:

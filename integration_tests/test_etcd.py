@@ -4,7 +4,6 @@ endpoint failover, authentication and TLS."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -24,7 +23,7 @@ from aiohotload.strategies import register_strategy, unregister_strategy
 from aiohotload.strategies.etcd import EtcdStrategy
 
 from .conftest import RoleFactory, hostile_password
-from .etcd_server import EtcdServer, TcpProxy, find_etcd, make_tls_files
+from .etcd_server import EtcdServer, TcpProxy, connections_to, find_etcd, make_tls_files
 from .pgserver import PgServer
 from .util import wait_for
 
@@ -416,25 +415,6 @@ async def test_hung_member_is_left_for_one_that_answers(
 
 
 # ---------------------------------------------------------------------------- sharing
-
-
-def connections_to(port: int) -> int:
-    """Established TCP connections from this process to loopback *port* (Linux's /proc)."""
-    ours = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:["):
-                ours.add(link.removeprefix("socket:[").removesuffix("]"))
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as lines:
-            for line in list(lines)[1:]:
-                fields = line.split()
-                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                established = fields[3] == "01"
-                count += remote_port == port and established and fields[9] in ours
-    return count
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="counts sockets in /proc")
