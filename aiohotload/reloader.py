@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
@@ -26,6 +25,7 @@ from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ReloadFailed, ReloadStarted
 from .redact import redact_dsn, redact_text, secrets_of
 from .strategies import Feedback, get_strategy, open_watch, takes_feedback
+from .strategies.toolkit import Backoff
 from .url import HotloadURL
 
 __all__ = ["Owner", "Reloader", "Serving", "opening_error"]
@@ -35,12 +35,10 @@ logger = logging.getLogger("aiohotload")
 T = TypeVar("T")
 
 # Retry delays after a failed reload: doubling from the first, capped, with jitter.
-_RETRY_FIRST = 0.25
-_RETRY_MAX = 15.0
+_RETRY = Backoff(first=0.25, maximum=15.0, jitter=0.2)
 # Refresh requests to the strategy (a login was refused): at most one pending, and a pause
 # doubling from the first to the cap while they bring nothing new.
-_REFRESH_FIRST = 1.0
-_REFRESH_MAX = 60.0
+_REFRESH = Backoff(first=1.0, maximum=60.0, jitter=0.0)
 # Bound on letting a strategy release its resources when it is stopped.
 _ACLOSE_TIMEOUT = 5.0
 
@@ -188,8 +186,7 @@ class Reloader(Generic[T]):
         if now < self._next_refresh:
             return False
         self._refreshes += 1
-        pause = min(_REFRESH_MAX, _REFRESH_FIRST * 2.0 ** min(self._refreshes - 1, 16))
-        self._next_refresh = now + pause
+        self._next_refresh = now + _REFRESH.delay(self._refreshes)
         logger.info("asking strategy %r to look again now", self._url.strategy)
         feedback.request_refresh()
         return True
@@ -423,8 +420,7 @@ class Reloader(Generic[T]):
 
 
 def _retry_delay(failures: int) -> float:
-    base = min(_RETRY_MAX, _RETRY_FIRST * 2.0 ** min(failures - 1, 16))
-    return base * random.uniform(0.8, 1.2)
+    return _RETRY.delay(failures)
 
 
 def _describe(exc: BaseException, dsn: str) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -21,7 +23,15 @@ from typing import Any
 
 import httpx
 
-__all__ = ["EtcdServer", "EtcdServerError", "TcpProxy", "TlsFiles", "find_etcd", "make_tls_files"]
+__all__ = [
+    "EtcdServer",
+    "EtcdServerError",
+    "TcpProxy",
+    "TlsFiles",
+    "connections_to",
+    "find_etcd",
+    "make_tls_files",
+]
 
 #: Longest wait for a started server to answer.
 READY_TIMEOUT = 20.0
@@ -36,6 +46,25 @@ def find_etcd() -> str | None:
     return shutil.which("etcd") or next(
         (p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if Path(p).is_file()), None
     )
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections from this process to loopback *port* (Linux's /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                ours.add(link.removeprefix("socket:[").removesuffix("]"))
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                established = fields[3] == "01"
+                count += remote_port == port and established and fields[9] in ours
+    return count
 
 
 def free_port() -> int:
@@ -195,6 +224,7 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM), killing it if it lingers."""
+        self.thaw()
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -207,10 +237,22 @@ class EtcdServer:
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
+        self.thaw()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): its sockets stay open, it answers nothing, as a hung
+        member would (a stalled disk, a frozen VM)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen process run again (SIGCONT)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()
@@ -228,6 +270,16 @@ class EtcdServer:
         return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------------ admin requests
+
+    async def metric(self, name: str) -> float:
+        """The value of metric *name* (a gauge or counter without labels) from ``/metrics``."""
+        async with self._client() as client:
+            response = await client.get(f"{self.url}/metrics")
+        for line in response.text.splitlines():
+            metric, _, value = line.partition(" ")
+            if metric == name:
+                return float(value)
+        raise EtcdServerError(f"no metric {name!r} at {self.url}/metrics")
 
     async def put(self, key: str, value: str) -> int:
         """Put *value* at *key*; the revision of the change."""

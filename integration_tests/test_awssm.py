@@ -20,7 +20,7 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool, SourceError
-from aiohotload.strategies import register_strategy, unregister_strategy
+from aiohotload.strategies import Feedback, register_strategy, unregister_strategy
 from aiohotload.strategies.awssm import AwsSecretsManagerStrategy
 
 from .conftest import RoleFactory
@@ -259,6 +259,29 @@ async def test_rotation_through_awspending_switches_the_pool(
     (news,) = [m for m in log.messages if "new DSN from" in m]
     assert version in news
     assert_never_logged(log, password)
+
+
+async def test_refresh_request_sees_a_new_awscurrent_at_once(
+    aws: Aws, log: pytest.LogCaptureFixture
+) -> None:
+    await aws.sm.create_secret(
+        Name=aws.secret_id, SecretString="postgresql://app:pw-r0tated-1@db/app"
+    )
+    feedback = Feedback()
+    options = {"region": REGION, "endpoint_url": aws.endpoint, "interval": "1h"}
+    watch = AwsSecretsManagerStrategy().watch(f"/{aws.secret_id}", options, feedback=feedback)
+    async with aclosing(watch) as gen:
+        with anyio.fail_after(10):
+            assert await anext(gen) == "postgresql://app:pw-r0tated-1@db/app"
+        # A single-user rotation's last step: AWSCURRENT moves to the new password. The pool,
+        # whose logins the database now refuses, asks the strategy to look again.
+        await move_current(aws, await put_pending(aws, "postgresql://app:pw-r0tated-2@db/app"))
+        feedback.request_refresh()
+        # Seen now, not after the hour the interval would take.
+        with anyio.fail_after(10):
+            assert await anext(gen) == "postgresql://app:pw-r0tated-2@db/app"
+    assert any("the pool asked for a fresh" in m for m in log.messages)
+    assert_never_logged(log, "pw-r0tated-2")
 
 
 async def test_deleted_secret_keeps_the_pool_serving(

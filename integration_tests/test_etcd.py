@@ -23,7 +23,7 @@ from aiohotload.strategies import register_strategy, unregister_strategy
 from aiohotload.strategies.etcd import EtcdStrategy
 
 from .conftest import RoleFactory, hostile_password
-from .etcd_server import EtcdServer, TcpProxy, find_etcd, make_tls_files
+from .etcd_server import EtcdServer, TcpProxy, connections_to, find_etcd, make_tls_files
 from .pgserver import PgServer
 from .util import wait_for
 
@@ -376,3 +376,74 @@ async def test_tls_with_client_certificates(tmp_path: Path, key: str) -> None:
             await anext(watch(key, endpoints=server.endpoint, ca_file=str(tls.ca)))
     finally:
         server.cleanup()
+
+
+# ---------------------------------------------------------------------------- a hung member
+
+
+async def test_hung_member_is_left_for_one_that_answers(
+    tmp_path: Path, targets: Targets, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    assert ETCD is not None
+    members = EtcdServer.cluster(tmp_path, binary=ETCD, size=3)
+    hung, other, _ = members
+    try:
+        EtcdServer.start_all(members)
+        await other.put(key, targets.a)
+        # The first endpoint is the one the watch starts on.
+        url = url_for(key, ",".join(m.endpoint for m in members), keepalive="500ms", timeout="1s")
+        async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool:
+            await wait_for(lambda: logged(caplog, f"watch created on etcd key {key!r} through"))
+            assert logged(caplog, f"through {hung.url}")
+            # Alive for TCP, answering nothing: the open watch stream just goes quiet.
+            hung.freeze()
+            swapped = asyncio.ensure_future(pool.wait_for_swap(timeout=30))
+            # The others may first have to elect a leader in its place.
+            await wait_for(lambda: other.put(key, targets.b), timeout=20, ignore=(Exception,))
+            assert await swapped == 1
+            assert await port_of(pool) == targets.port_b
+            assert pool.last_error is None
+        (lost,) = [r for r in logged(caplog, "lost the watch") if r.levelno == logging.WARNING]
+        assert hung.url in lost.getMessage()
+        assert "no answer within 1s to a read after the watch was silent" in lost.getMessage()
+        assert logged(caplog, "watching etcd key")  # again, through another member
+    finally:
+        for member in members:
+            member.kill()
+            member.cleanup()
+
+
+# ---------------------------------------------------------------------------- sharing
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="counts sockets in /proc")
+async def test_pools_on_one_key_share_one_watch_and_one_connection(
+    etcd_disposable: EtcdServer, targets: Targets, key: str
+) -> None:
+    server = etcd_disposable
+    streams = "etcd_debugging_mvcc_watch_stream_total"
+    await server.put(key, targets.a)
+    url = url_for(key, server.endpoint)
+    pools = await asyncio.gather(
+        *(aiohotload.create_pool(url, name=f"tenant{i}", min_size=1, max_size=1) for i in range(50))
+    )
+    try:
+        await wait_for(lambda: server.metric(streams), lambda n: n == 1)
+        # The first reads' connection goes idle and is closed; the stream's stays.
+        await wait_for(lambda: connections_to(server.port), lambda n: n == 1)
+        swaps = [asyncio.ensure_future(p.wait_for_swap(timeout=20)) for p in pools]
+        await server.put(key, targets.b)
+        assert await asyncio.gather(*swaps) == [1] * 50
+        assert {await port_of(p) for p in pools} == {targets.port_b}
+        # A pool leaving does not end the watch of the others.
+        await pools.pop().close()
+        swaps = [asyncio.ensure_future(p.wait_for_swap(timeout=20)) for p in pools]
+        await server.put(key, targets.a_kv)
+        assert await asyncio.gather(*swaps) == [2] * 49
+        assert await server.metric(streams) == 1
+    finally:
+        await asyncio.gather(*(p.close() for p in pools))
+    # The last one out ends the watch and closes its connection.
+    await wait_for(lambda: server.metric(streams), lambda n: n == 0)
+    assert connections_to(server.port) == 0

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from aiohotload.errors import InvalidOptionError, InvalidURLError, StrategyError
-from aiohotload.strategies import Strategy, awssm
+from aiohotload.strategies import Feedback, Strategy, awssm
 from aiohotload.strategies.awssm import AwsSecretsManagerStrategy
 
 LOGGER = "aiohotload.strategies.awssm"
@@ -199,3 +199,48 @@ async def test_an_unchanged_or_unusable_version_yields_nothing(
 def test_delay_doubles_up_to_a_cap(interval: float, failures: int, expected: float) -> None:
     assert awssm._delay(interval, failures, jitter=False) == expected
     assert 0.9 * expected <= awssm._delay(interval, failures) <= 1.1 * expected
+
+
+# ---------------------------------------------------------------------------- refresh
+
+
+async def test_a_refresh_request_polls_now_instead_of_at_the_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    client = ScriptedClient(
+        [
+            version("v1", "postgresql://u:one@h/d"),
+            version("v2", "postgresql://u:two@h/d"),
+            version("v3", "postgresql://u:three@h/d"),
+        ]
+    )
+    use_client(monkeypatch, client)
+    feedback = Feedback()
+    options = {"region": "us-east-1", "interval": "1h"}
+    gen = AwsSecretsManagerStrategy().watch("/app/db", options, feedback=feedback)
+    async with aclosing(gen):
+        with anyio.fail_after(10):  # far from the hour the interval would take
+            assert await anext(gen) == "postgresql://u:one@h/d"
+            feedback.request_refresh()
+            assert await anext(gen) == "postgresql://u:two@h/d"
+            feedback.release("postgresql://u:one@h/d")  # no lease to free
+            feedback.request_refresh()
+            assert await anext(gen) == "postgresql://u:three@h/d"
+    assert not client.answers
+    asked = [m for m in caplog.messages if "the pool asked for a fresh AWS secret" in m]
+    assert len(asked) == 2
+
+
+@pytest.mark.parametrize(
+    ("asked", "backing_off", "expected"),
+    [
+        (False, False, 3600.0),  # not asked: the interval
+        (True, False, 1.0),  # asked: after the floor since the last poll
+        (True, True, 3600.0),  # throttled or failing: the backoff stands
+    ],
+)
+def test_next_poll_when_asked(asked: bool, backing_off: bool, expected: float) -> None:
+    assert awssm._next_poll(0.0, 3600.0, asked=asked, backing_off=backing_off) == expected
+    # A poll due sooner than the floor stays due then.
+    assert awssm._next_poll(0.0, 0.5, asked=asked, backing_off=backing_off) == 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ import anyio
 import pytest
 
 from aiohotload.errors import InvalidOptionError, InvalidURLError, SourceError
-from aiohotload.strategies import Strategy, get_strategy
+from aiohotload.strategies import Feedback, Strategy, get_strategy
 from aiohotload.strategies.files import WatchfilesStrategy
 
 # recheck=0 by default so every change below must be seen through events, not the safety net.
@@ -320,6 +321,52 @@ async def test_recheck_happens_in_a_busy_directory(tmp_path: Path) -> None:
                 write(tmp_path / "a" / "noise", str(time.monotonic()))
                 await asyncio.sleep(0.005)
         assert task.result() == "postgres://app:pw1@db/app"
+
+
+async def test_refresh_request_rereads_at_once(tmp_path: Path, log: Log) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    path = tmp_path / "a" / "dsn"
+    write(path, "postgres://app:pw0@db/app")
+    # A write through a hard link elsewhere raises no event, and recheck is off: only the
+    # pool's request can make the strategy look again.
+    os.link(path, tmp_path / "b" / "dsn")
+    feedback = Feedback()
+    gen = WatchfilesStrategy().watch(str(path), EVENTS_ONLY, feedback=feedback)
+    try:
+        await next_value(gen)
+        task = next_soon(gen)
+        write(tmp_path / "b" / "dsn", "postgres://app:pw1@db/app")
+        feedback.release("postgres://app:pw0@db/app")  # nothing to do for a file
+        feedback.request_refresh()
+        assert await result(task) == "postgres://app:pw1@db/app"
+        # Asked again with nothing new: read, and nothing yielded.
+        task = next_soon(gen)
+        feedback.request_refresh()
+        await log.wait("re-read on the pool's request, unchanged")
+        write(path, "postgres://app:pw2@db/app")  # and events still count
+        assert await result(task) == "postgres://app:pw2@db/app"
+    finally:
+        await gen.aclose()
+
+
+async def test_the_pool_s_news_of_released_dsns_triggers_no_read(dsn: Path, log: Log) -> None:
+    feedback = Feedback()
+    gen = WatchfilesStrategy().watch(str(dsn), EVENTS_ONLY, feedback=feedback)
+    try:
+        await next_value(gen)
+        task = next_soon(gen)
+        feedback.release("postgres://app:pw0@db/app")
+        await until(lambda: not feedback.pending)  # the strategy took the news
+        feedback.request_refresh()
+        await log.wait("re-read on the pool's request, unchanged")
+        # Had the release made it read, that read would have been logged first.
+        assert log.count("re-read") == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await gen.aclose()
 
 
 @pytest.mark.parametrize("gap", [0.0, 0.2])

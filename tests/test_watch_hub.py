@@ -17,7 +17,7 @@ import anyio
 import pytest
 from watchfiles._rust_notify import RustNotify
 
-from aiohotload.strategies import _watch_hub
+from aiohotload.strategies import _dir_watcher, _watch_hub
 from aiohotload.strategies.files import WatchfilesStrategy
 
 pytestmark = pytest.mark.skipif(
@@ -404,7 +404,7 @@ def count_watchers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         started.append(tuple(paths))
         return RustNotify(paths, *args)
 
-    monkeypatch.setattr(_watch_hub, "RustNotify", counting)
+    monkeypatch.setattr(_dir_watcher, "RustNotify", counting)
     return started
 
 
@@ -414,7 +414,7 @@ async def test_watcher_failure_reaches_every_subscriber(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(_watch_hub, "RustNotify", FlakyNotify)
+    monkeypatch.setattr(_dir_watcher, "RustNotify", FlakyNotify)
     paths = [make(tmp_path / f"d{i % 3}" / f"t{i}.dsn", dsn(f"t{i}", 0)) for i in range(12)]
     async with subscribers() as subs:
         await subs.add(paths, poll_delay="50")

@@ -9,6 +9,9 @@ A strategy that declares a keyword-only ``feedback`` parameter, ``watch(path, op
 feedback)``, also hears from its pool through a :class:`~aiohotload.strategies.Feedback`:
 requests to look again now (a login was refused) and DSNs no longer in use (see
 :mod:`aiohotload.strategies.feedback`).
+
+:mod:`aiohotload.strategies.toolkit` holds what the built-in strategies share and others may
+use: option checks, jittered backoff, and text safe to put in a message.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,8 +26,9 @@ import anyio
 
 from ..errors import InvalidOptionError, InvalidURLError, SourceError, StrategyError
 from ..redact import redact_dsn, redact_text
-from ..url import _shorten, parse_duration
 from ._secret import SecretFormatError, dsn_from_secret
+from .feedback import Feedback
+from .toolkit import Backoff, OptionReader, describe_error, quoted
 
 if TYPE_CHECKING:
     from types_aiobotocore_secretsmanager import SecretsManagerClient
@@ -36,7 +37,7 @@ __all__ = ["AwsSecretsManagerStrategy"]
 
 logger = logging.getLogger(__name__)
 
-_KNOWN_OPTIONS = "endpoint_url, interval, region, timeout, version_stage"
+_KNOWN_OPTIONS = ("endpoint_url", "interval", "region", "timeout", "version_stage")
 _REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 # Polls are spread by up to this fraction of the interval, so replicas started together do
 # not call the API in lockstep (Secrets Manager's quota is per account and region).
@@ -50,6 +51,8 @@ _THROTTLED = frozenset(
 _TRANSIENT = frozenset(
     {"InternalServiceError", "InternalFailure", "ServiceUnavailable", "RequestTimeout"}
 )
+# Polls asked for by the pool come no sooner than this after the last poll.
+_MIN_POLL_GAP = 1.0
 # Bounds closing the client when the pool stops.
 _CLOSE_TIMEOUT = 5.0
 # Attempts botocore makes per poll (its "standard" retry mode backs off between them).
@@ -85,9 +88,16 @@ class AwsSecretsManagerStrategy:
 
     A secret deleted, denied or unreadable later is logged and the current DSN kept. The
     secret's value is never logged unredacted nor put in an exception.
+
+    When the pool asks (*feedback*: a login with the current DSN was refused, as in the
+    window of a single-user rotation), the secret is polled at once rather than at the next
+    interval; never sooner than 1 s after the last poll, nor while backing off after a
+    throttled or failed one, so the account's API quota is respected.
     """
 
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:
+    async def watch(
+        self, path: str, options: Mapping[str, str], *, feedback: Feedback | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the DSN in secret *path*, then each new DSN, until closed.
 
         Raises :class:`~aiohotload.InvalidOptionError`, :class:`~aiohotload.InvalidURLError`,
@@ -114,7 +124,7 @@ class AwsSecretsManagerStrategy:
             failures = 0  # consecutive throttled or transient failures, for the backoff
             last_failure: str | None = None
             while True:
-                await anyio.sleep(_delay(opts.interval, failures))
+                await _until_next_poll(time.monotonic(), opts.interval, failures, feedback, what)
                 try:
                     version = await _read(client, secret_id, opts)
                 except _ReadError as exc:
@@ -156,6 +166,31 @@ class AwsSecretsManagerStrategy:
             # Shielded: a cancelled pool must still close the client's HTTP connections.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await stack.aclose()
+
+
+async def _until_next_poll(
+    polled_at: float, interval: float, failures: int, feedback: Feedback | None, what: str
+) -> None:
+    """Wait until the next poll is due: the interval (or the backoff) after the poll at
+    *polled_at*, or sooner if the pool asks for it."""
+    due = polled_at + _delay(interval, failures)
+    while (left := due - time.monotonic()) > 0:
+        if feedback is None:
+            await anyio.sleep(left)
+            return
+        news = await feedback.wait(left)  # released DSNs need nothing: no lease to free
+        if news.refresh:
+            due = _next_poll(polled_at, due, asked=True, backing_off=failures > 0)
+            wait = max(0.0, due - time.monotonic())
+            logger.debug("the pool asked for a fresh %s; polling in %.1fs", what, wait)
+
+
+def _next_poll(polled_at: float, due: float, *, asked: bool, backing_off: bool) -> float:
+    """When the next poll is due, given that it was due at *due*, when the last poll was at
+    *polled_at*, and whether the pool *asked* for a fresh value."""
+    if not asked or backing_off:
+        return due  # throttled or failing: polling sooner would make it worse
+    return min(due, polled_at + _MIN_POLL_GAP)
 
 
 class _ReadError(Exception):
@@ -210,9 +245,9 @@ async def _read(client: SecretsManagerClient, secret_id: str, opts: _Options) ->
     except ClientError as exc:
         raise _client_error(exc.response) from None
     except (BotoConnectionError, HTTPClientError) as exc:
-        raise _ReadError(redact_text(str(exc)), transient=True) from None
+        raise _ReadError(describe_error(exc), transient=True) from None
     except BotoCoreError as exc:  # no credentials, a bad profile, ...
-        raise _ReadError(redact_text(str(exc))) from None
+        raise _ReadError(describe_error(exc)) from None
     version_id = response.get("VersionId")
     text = response.get("SecretString")
     if text is None:
@@ -239,10 +274,8 @@ def _client_error(response: Any) -> _ReadError:
 
 def _delay(interval: float, failures: int, *, jitter: bool = True) -> float:
     """Seconds until the next poll: *interval*, doubled per consecutive failure, capped."""
-    delay = interval
-    if failures:
-        delay = min(interval * 2.0 ** min(failures, 32), max(interval, _MAX_BACKOFF))
-    return delay * random.uniform(1 - _JITTER, 1 + _JITTER) if jitter else delay
+    backoff = Backoff(first=interval, maximum=max(interval, _MAX_BACKOFF), jitter=_JITTER)
+    return backoff.delay(failures + 1, jitter=jitter)
 
 
 def _secret_id(path: str) -> str:
@@ -251,44 +284,31 @@ def _secret_id(path: str) -> str:
     if not secret_id:
         raise InvalidURLError("the awssm strategy needs a secret: 'awssm://postgres/<secret-id>'")
     if len(secret_id) > 2048:  # AWS's own limit on a SecretId
-        raise InvalidURLError(f"secret id {_shorten(secret_id)!r} is longer than 2048 characters")
+        raise InvalidURLError(f"secret id {quoted(secret_id)} is longer than 2048 characters")
     return secret_id
 
 
 def _parse_options(options: Mapping[str, str]) -> _Options:
+    opts = OptionReader("awssm", options, _KNOWN_OPTIONS)
     defaults = _Options()
-    values: dict[str, Any] = {}
-    for name, value in options.items():
-        if name in ("interval", "timeout"):
-            values[name] = parse_duration(name, value, allow_zero=False)
-        elif name == "region":
-            region = value.strip()
-            if not _REGION.fullmatch(region):
-                raise InvalidOptionError(
-                    f"option 'region' must be an AWS region such as 'us-east-1'; "
-                    f"got {_shorten(value)!r}"
-                )
-            values[name] = region
-        elif name == "endpoint_url":
-            values[name] = _endpoint(value)
-        elif name == "version_stage":
-            stage = value.strip()
-            if not stage or len(stage) > 256:
-                raise InvalidOptionError(
-                    "option 'version_stage' must be a staging label of 1 to 256 characters, "
-                    f"such as AWSCURRENT; got {_shorten(value)!r}"
-                )
-            values[name] = stage
-        else:
-            raise InvalidOptionError(
-                f"unknown option {_shorten(name)!r} for the awssm strategy; known: {_KNOWN_OPTIONS}"
-            )
+    region = opts.text("region")
+    if region is not None and not _REGION.fullmatch(region.strip()):
+        raise InvalidOptionError(
+            f"option 'region' must be an AWS region such as 'us-east-1'; got {quoted(region)}"
+        )
+    stage = opts.text("version_stage")
+    if stage is not None and not 0 < len(stage.strip()) <= 256:
+        raise InvalidOptionError(
+            "option 'version_stage' must be a staging label of 1 to 256 characters, "
+            f"such as AWSCURRENT; got {quoted(stage)}"
+        )
+    endpoint_url = opts.text("endpoint_url")
     return _Options(
-        region=values.get("region", defaults.region),
-        interval=values.get("interval", defaults.interval),
-        endpoint_url=values.get("endpoint_url", defaults.endpoint_url),
-        version_stage=values.get("version_stage", defaults.version_stage),
-        timeout=values.get("timeout", defaults.timeout),
+        region=region.strip() if region is not None else defaults.region,
+        interval=opts.duration("interval", defaults.interval),
+        endpoint_url=_endpoint(endpoint_url) if endpoint_url is not None else None,
+        version_stage=stage.strip() if stage is not None else defaults.version_stage,
+        timeout=opts.duration("timeout", defaults.timeout),
     )
 
 
@@ -303,6 +323,6 @@ def _endpoint(value: str) -> str:
     if not valid:
         raise InvalidOptionError(
             "option 'endpoint_url' must be an http:// or https:// URL with a host; "
-            f"got {_shorten(value)!r}"
+            f"got {quoted(value)}"
         )
     return url

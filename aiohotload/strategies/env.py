@@ -10,9 +10,9 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Mapping
 
-from ..errors import InvalidOptionError, InvalidURLError, SourceError
+from ..errors import InvalidURLError, SourceError
 from ..redact import redact_dsn
-from ..url import _shorten
+from .toolkit import check_options, quoted
 
 __all__ = ["EnvStrategy"]
 
@@ -23,6 +23,7 @@ class EnvStrategy:
     """Yields the stripped value of the environment variable the URL's path names, once.
 
     Takes no options. The value is never put in an exception and is logged only redacted.
+    It takes no feedback either: asked for a fresh value, it would have nothing new to read.
     """
 
     async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:
@@ -32,9 +33,7 @@ class EnvStrategy:
         :class:`~aiohotload.InvalidURLError` for a bad name, and
         :class:`~aiohotload.SourceError` if the variable is unset or empty.
         """
-        if options:
-            names = ", ".join(repr(_shorten(name)) for name in sorted(options))
-            raise InvalidOptionError(f"the env strategy takes no options; got {names}")
+        check_options("env", options, known=())
         name = _variable(path)
         value = os.environ.get(name)
         if value is None:
@@ -54,7 +53,7 @@ def _variable(path: str) -> str:
     # '/' would mean the URL has a path where a name belongs; '=' and NUL cannot be in a name.
     if any(c in name for c in "/=\x00"):
         raise InvalidURLError(
-            f"{_shorten(name)!r} is not an environment variable name "
+            f"{quoted(name)} is not an environment variable name "
             "(no '/', '=' or NUL allowed): expected 'env://postgres/NAME'"
         )
     return name

@@ -8,9 +8,9 @@ on the event loop (see ``_watch_hub``), so many pools cost one watcher thread, n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import anyio
 
-from ..errors import InvalidOptionError, InvalidURLError, SourceError
-from ..url import _shorten, parse_bool
-from ._watch_hub import Changes, UnwatchableError, WatchSettings, subscribe
-from ._watch_hub import error_reason as _reason
+from ..errors import InvalidURLError, SourceError
+from ._watch_hub import Changes, Subscription, UnwatchableError, WatchSettings, subscribe
+from .feedback import Feedback
+from .toolkit import OptionReader, describe_error
 
 __all__ = ["WatchfilesStrategy"]
 
@@ -33,10 +33,8 @@ _MAX_MS = 86_400_000
 _MAX_BYTES = 64 * 1024
 # Bounds the cleanup when the consumer stops; closing takes at most about one `step`.
 _CLOSE_TIMEOUT = 5.0
-_MS = re.compile(r"\s*([0-9]+)\s*")
-_INT_OPTIONS = {"debounce": 1, "step": 1, "poll_delay": 1, "recheck": 0}  # name -> minimum
-_POLLING_ALIASES = ("polling", "force_polling")
-_KNOWN_OPTIONS = ", ".join(sorted([*_INT_OPTIONS, *_POLLING_ALIASES]))
+_MS_OPTIONS = {"debounce": 1, "step": 1, "poll_delay": 1, "recheck": 0}  # name -> minimum
+_KNOWN_OPTIONS = (*_MS_OPTIONS, "polling", "force_polling")
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,13 @@ class WatchfilesStrategy:
     The file's content is never logged nor put in an exception: it holds a password.
     """
 
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:
+    async def watch(
+        self, path: str, options: Mapping[str, str], *, feedback: Feedback | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the DSN in *path* (an absolute path), then each new DSN, until closed.
+
+        On the pool's request (*feedback*: a login with the current DSN was refused) the file
+        is read again at once, should a change have gone unseen.
 
         Raises :class:`~aiohotload.InvalidOptionError`, :class:`~aiohotload.InvalidURLError`
         or, if the file cannot be read at start, :class:`~aiohotload.SourceError`.
@@ -109,7 +112,7 @@ class WatchfilesStrategy:
                 timeout = None
                 if opts.reread > 0:
                     timeout = max(0.0, last_read + opts.reread / 1000 - time.monotonic())
-                await sub.wait(timeout)
+                asked = await _next_look(sub, feedback, timeout)
                 # The file's links may point elsewhere now: follow them before reading.
                 await sub.update(_Layout.of(path))
                 last_read = time.monotonic()
@@ -117,7 +120,8 @@ class WatchfilesStrategy:
                 if value is None:
                     continue
                 if value == current:
-                    logger.debug("DSN file %s re-read, unchanged", path)
+                    why = " on the pool's request" if asked else ""
+                    logger.debug("DSN file %s re-read%s, unchanged", path, why)
                     continue
                 current = value
                 logger.debug("DSN file %s changed", path)
@@ -126,6 +130,32 @@ class WatchfilesStrategy:
             # Shielded: when an anyio scope cancels the consumer, the subscription must still end.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await sub.aclose()
+
+
+async def _next_look(sub: Subscription, feedback: Feedback | None, timeout: float | None) -> bool:
+    """Wait for a reason to read the file again (see :meth:`Subscription.wait`) or for the
+    pool to ask for it; True if the pool asked."""
+    if feedback is None:
+        await sub.wait(timeout)
+        return False
+    asked = asyncio.ensure_future(_refresh_requested(feedback))
+
+    def wake(task: asyncio.Future[None]) -> None:
+        if not task.cancelled():
+            sub.wake()
+
+    asked.add_done_callback(wake)
+    try:
+        await sub.wait(timeout)
+    finally:
+        asked.cancel()
+    return asked.done() and not asked.cancelled()
+
+
+async def _refresh_requested(feedback: Feedback) -> None:
+    # Released DSNs need nothing here: a file holds no resource per DSN.
+    while not (await feedback.wait()).refresh:
+        pass
 
 
 @dataclass(frozen=True)
@@ -180,7 +210,7 @@ def _read(path: str) -> str:
     except FileNotFoundError:
         raise _UnreadableError("does not exist") from None
     except OSError as exc:
-        raise _UnreadableError(f"cannot be opened: {_reason(exc)}") from None
+        raise _UnreadableError(f"cannot be opened: {describe_error(exc)}") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -195,7 +225,7 @@ def _read(path: str) -> str:
             if size > _MAX_BYTES:
                 raise _UnreadableError(f"is larger than {_MAX_BYTES} bytes")
     except OSError as exc:
-        raise _UnreadableError(f"cannot be read: {_reason(exc)}") from None
+        raise _UnreadableError(f"cannot be read: {describe_error(exc)}") from None
     finally:
         os.close(fd)
     try:
@@ -216,41 +246,15 @@ def _try_read(path: str) -> str | None:
 
 
 def _parse_options(options: Mapping[str, str]) -> _Options:
-    ms: dict[str, int] = {}
-    polling: bool | None = None  # None: not given, so a second spelling can be caught
-    for name, value in options.items():
-        if name in _INT_OPTIONS:
-            ms[name] = _parse_ms(name, value, _INT_OPTIONS[name])
-        elif name in _POLLING_ALIASES:
-            if polling is not None:
-                raise InvalidOptionError(
-                    "options 'polling' and 'force_polling' mean the same; give one"
-                )
-            polling = parse_bool(name, value)
-        else:
-            raise InvalidOptionError(
-                f"unknown option {_shorten(name)!r} for the watchfiles strategy; "
-                f"known: {_KNOWN_OPTIONS}"
-            )
+    opts = OptionReader("watchfiles", options, _KNOWN_OPTIONS)
     defaults = _Options()
-    return _Options(
-        debounce=ms.get("debounce", defaults.debounce),
-        step=ms.get("step", defaults.step),
-        polling=defaults.polling if polling is None else polling,
-        poll_delay=ms.get("poll_delay", defaults.poll_delay),
-        recheck=ms.get("recheck", defaults.recheck),
-    )
-
-
-def _parse_ms(name: str, value: str, minimum: int) -> int:
-    m = _MS.fullmatch(value)
-    number = int(m.group(1)) if m else -1
-    if not minimum <= number <= _MAX_MS:
-        raise InvalidOptionError(
-            f"option {name!r} must be a whole number of milliseconds from {minimum} "
-            f"to {_MAX_MS}; got {_shorten(value)!r}"
+    ms = {
+        name: opts.integer(
+            name, getattr(defaults, name), minimum=minimum, maximum=_MAX_MS, unit="milliseconds"
         )
-    return number
+        for name, minimum in _MS_OPTIONS.items()
+    }
+    return _Options(**ms, polling=opts.boolean("polling", defaults.polling, "force_polling"))
 
 
 def _absolute(path: str) -> str:
@@ -268,7 +272,7 @@ def _check_directory(path: str, parent: str) -> None:
         raise SourceError(f"directory {parent!r} of DSN file {path!r} does not exist") from None
     except OSError as exc:
         raise SourceError(
-            f"cannot access directory {parent!r} of DSN file {path!r}: {_reason(exc)}"
+            f"cannot access directory {parent!r} of DSN file {path!r}: {describe_error(exc)}"
         ) from None
     if not stat.S_ISDIR(mode):
         raise SourceError(f"{parent!r}, the parent of DSN file {path!r}, is not a directory")
