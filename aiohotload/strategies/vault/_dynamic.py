@@ -35,7 +35,7 @@ class DynamicCredentials:
         self.current: Lease | None = None
         self._leases: dict[str, Lease] = {}  # by DSN: every lease yielded, not yet released
         self._released: list[Lease] = []  # to revoke
-        self._pacing = Pacing(f"get credentials from {path}")
+        self._pacing = Pacing(f"renew or replace the credentials from {path}")
         self._revoke_backoff = Backoff()
         self._revoke_at = 0.0
         self._revoke_log = FailureLog(logger, "revoke leases")
