@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib.metadata import entry_points
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -255,6 +256,12 @@ async def test_static_role_rotation_is_followed(
         async with Load(pool, workers=2) as load:
             for _ in range(2):
                 generation = await pool.wait_for_swap(timeout=20)
+                swapped = time.time()
+                creds = (await bao.call("GET", path))["data"]
+                rotated = _epoch(creds["last_vault_rotation"])
+                print(
+                    f"\nstatic role: pool switched {swapped - rotated:.2f}s after Vault's rotation"
+                )
                 # The DSN in use is Vault's current password: a new login works.
                 async with pool.acquire() as conn:
                     assert await conn.fetchval("SELECT current_user") == name
@@ -406,7 +413,10 @@ async def test_permission_denied_at_start_names_the_path_not_the_token(
 
 
 async def test_sealed_stopped_and_restarted_vault_keeps_the_pool_serving(
-    bao_persistent: BaoServer, pg_a: PgServer, monkeypatch: pytest.MonkeyPatch
+    bao_persistent: BaoServer,
+    pg_a: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     bao = bao_persistent
     monkeypatch.setenv("VAULT_TOKEN", bao.root_token)
@@ -431,10 +441,13 @@ async def test_sealed_stopped_and_restarted_vault_keeps_the_pool_serving(
                         bao.start()
                     await logs.wait("can renew or replace", "again", since=mark, timeout=30)
                     await load.progress(10)
-                # Each distinct failure was a warning once, then debug while it repeated.
             assert load.failures == []
             assert await current_user(pool) == user
     assert await bao.leases(db.prefix) == []
+    # Each distinct failure was a warning once, then debug while it repeated.
+    sealed = [r for r in caplog.records if "Vault is sealed" in r.getMessage()]
+    assert [r.levelname for r in sealed][:1] == ["WARNING"]
+    assert all(r.levelname == "DEBUG" for r in sealed[1:])
 
 
 # ------------------------------------------------------------------ secrets
@@ -481,6 +494,14 @@ async def test_no_secret_in_logs_or_errors(
         assert secret
         assert secret not in caplog.text
         assert secret not in str(raised.value)
+
+
+def _epoch(rfc3339: str) -> float:
+    """Seconds since the epoch of Vault's ``2026-01-02T03:04:05.123456789Z``."""
+    whole, _, fraction = rfc3339.rstrip("Z").partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp() + float(
+        f"0.{fraction or 0}"
+    )
 
 
 def _app_policy(db: Db) -> str:

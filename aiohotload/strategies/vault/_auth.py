@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,14 @@ class Authenticator:
     """Holds the current token of a :class:`VaultClient` and keeps it valid."""
 
     def __init__(
-        self, client: VaultClient, opts: VaultOptions, environ: Mapping[str, str] | None = None
+        self,
+        client: VaultClient,
+        opts: VaultOptions,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
+        """The time source of the strategy's schedule (monotonic seconds)."""
         self._client = client
         self._opts = opts
         self._environ = os.environ if environ is None else environ
@@ -110,7 +116,7 @@ class Authenticator:
                 await self._renew(token, now)
         except VaultError as exc:
             delay = self._backoff.failed()
-            self._retry_at = time.monotonic() + delay
+            self._retry_at = self.clock() + delay
             if token is not None and not token.term.final and isinstance(exc, VaultDenied):
                 token.term = token.term.finalized()  # expired or revoked: log in again
             self._failures.failed(exc.reason, "keeping the current token", delay)
@@ -130,7 +136,7 @@ class Authenticator:
                     "the Vault token from %s ends in %.0fs and cannot be renewed; database "
                     "leases it created end with it. Give a new token there in time",
                     current.source,
-                    current.ends - time.monotonic(),
+                    current.ends - self.clock(),
                 )
                 self._warned_end = True
             return False
@@ -158,7 +164,7 @@ class Authenticator:
         self._client.token = token.value
         self._warned_end = False
         if token.own:
-            now = time.monotonic()
+            now = self.clock()
             # Tokens that ended are gone from Vault: nothing to revoke at close.
             self._tokens = [t for t in self._tokens if t.term.expires > now] + [token]
 
@@ -190,7 +196,7 @@ class Authenticator:
     async def _login(self, body: dict[str, str], source: str) -> Token:
         path = f"auth/{self._opts.auth_mount}/login"
         self._secrets.update(v for k, v in body.items() if k in ("secret_id", "jwt"))
-        now = time.monotonic()
+        now = self.clock()
         try:
             data = await self._client.request("POST", path, body, auth=False)
         except VaultError as exc:
@@ -210,7 +216,7 @@ class Authenticator:
     async def _given_token(self) -> Token:
         value, source = self._token_source()
         self._secrets.add(value)
-        now = time.monotonic()
+        now = self.clock()
         try:
             data = await self._client.get("auth/token/lookup-self", token=value)
         except VaultDenied:

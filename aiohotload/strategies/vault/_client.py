@@ -66,6 +66,7 @@ class VaultClient:
         timeout: float,
         verify: ssl.SSLContext | bool,
         secrets: Callable[[], Iterable[str]],
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.addr = addr.rstrip("/")
         self.token: str | None = None
@@ -78,7 +79,7 @@ class VaultClient:
         # covers a server that accepts the connection and then says nothing. trust_env=False:
         # a proxy set for the application's other traffic must not see the Vault token.
         self._http = httpx.AsyncClient(
-            verify=verify, timeout=None, trust_env=False, headers=headers
+            verify=verify, timeout=None, trust_env=False, headers=headers, transport=transport
         )
 
     async def aclose(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import anyio
@@ -47,7 +46,7 @@ class DynamicCredentials:
         return list(self._leases.values())
 
     async def start(self) -> str:
-        return (await self._fetch(time.monotonic(), "first credentials")).dsn
+        return (await self._fetch(self._auth.clock(), "first credentials")).dsn
 
     def due(self) -> float:
         when = self._pacing.refresh_at
@@ -86,17 +85,22 @@ class DynamicCredentials:
             if now >= lease.term.renew_at:
                 await self._renew(lease, now)
         except VaultError as exc:
+            cap = math.inf
             if lease is not None and lease.term.final:
-                consequence = f"the lease ends in {lease.term.expires - now:.0f}s"
+                left = min(lease.term.expires, lease.owner.ends or math.inf) - now
+                consequence = f"keeping the current DSN; its lease ends in {left:.0f}s"
+                cap = left / 4  # several more tries before the end, whatever the backoff
             else:
                 consequence = "keeping the current DSN"
-            delay = self._pacing.failed(now, exc.reason, consequence)
+            delay = self._pacing.failed(now, exc.reason, consequence, cap=cap)
             if lease is not None and not lease.term.final:
                 # A renewal that keeps failing gives up once the lease would end before the
                 # pool could switch: then new credentials are due.
                 end = lease.term.expires
-                if now + delay >= end - margin(lease.term, self._opts.rotate_before, end):
+                last_chance = end - margin(lease.term, self._opts.rotate_before, end)
+                if now + delay >= last_chance:
                     lease.term = lease.term.finalized()
+                    self._pacing.retry_at = max(now, min(self._pacing.retry_at, last_chance))
                 else:
                     lease.term = lease.term.retry_renewal(now + delay)
         return None
@@ -129,7 +133,8 @@ class DynamicCredentials:
     async def _fetch(self, now: float, why: str) -> Lease:
         path = f"{self._path.mount}/creds/{self._path.name}"
         data = await with_token(self._auth, lambda: self._client.get(path))
-        lease = self._lease(data, time.monotonic())
+        # Issued no earlier than the request: a lease's end is never thought later than it is.
+        lease = self._lease(data, now)
         self._pacing.read_done(now)
         self._leases[lease.dsn] = lease
         self.current = lease
@@ -180,16 +185,14 @@ class DynamicCredentials:
             return
         ttl = data.get("lease_duration")
         granted = float(ttl) if isinstance(ttl, (int, float)) else 0.0
-        lease.term = lease.term.renewed(
-            time.monotonic(), granted, fraction=self._opts.renew_fraction
-        )
+        lease.term = lease.term.renewed(now, granted, fraction=self._opts.renew_fraction)
         self._pacing.succeeded()
         if lease.term.final:
             logger.info(
                 "lease %s renewed for %.0fs, capped by its max TTL: new credentials due in %.0fs",
                 lease.lease_id,
                 granted,
-                max(0.0, self._replace_at(lease) - time.monotonic()),
+                max(0.0, self._replace_at(lease) - now),
             )
         else:
             logger.debug("lease %s renewed for %.0fs", lease.lease_id, granted)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from typing import Any
 
 from .._secret import SecretFormatError, dsn_from_secret, passwords_in_secret
@@ -38,7 +37,7 @@ class KvSecret:
         self._pacing = Pacing(f"read {path}")
 
     async def start(self) -> str:
-        now = time.monotonic()
+        now = self._auth.clock()
         version, data = await self._read()
         try:
             self._dsn = dsn_from_kv(data, self._opts.field)

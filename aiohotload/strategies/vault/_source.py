@@ -10,7 +10,7 @@ from typing import Protocol, TypeVar
 
 from ._auth import Authenticator
 from ._client import VaultDenied
-from ._faults import Backoff, FailureLog
+from ._faults import MIN_BACKOFF, Backoff, FailureLog
 
 __all__ = ["REFRESH_GAP", "Pacing", "Source", "with_token"]
 
@@ -79,9 +79,9 @@ class Pacing:
         self.retry_at = 0.0
         self._log.recovered()
 
-    def failed(self, now: float, reason: str, consequence: str) -> float:
-        """Log a failure and set :attr:`retry_at`; the delay."""
-        delay = self._backoff.failed()
+    def failed(self, now: float, reason: str, consequence: str, *, cap: float = math.inf) -> float:
+        """Log a failure and set :attr:`retry_at`, at most *cap* seconds away; the delay."""
+        delay = min(self._backoff.failed(), max(MIN_BACKOFF, cap))
         self.retry_at = now + delay
         self._log.failed(reason, consequence, delay)
         return delay

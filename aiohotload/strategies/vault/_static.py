@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 from ._auth import Authenticator
@@ -41,7 +40,7 @@ class StaticCredentials:
         self._pacing = Pacing(f"read {path}")
 
     async def start(self) -> str:
-        now = time.monotonic()
+        now = self._auth.clock()
         self._dsn = self._apply(await self._read(), now)
         self._pacing.read_done(now)
         return self._dsn

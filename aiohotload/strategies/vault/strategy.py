@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-import time
 from collections.abc import AsyncGenerator, Mapping
 
 import anyio
@@ -76,18 +75,18 @@ class VaultStrategy:
             yield dsn
             while True:
                 wake = min(auth.due(), source.due())
-                delay = max(_MIN_SLEEP, wake - time.monotonic()) if math.isfinite(wake) else None
+                delay = max(_MIN_SLEEP, wake - auth.clock()) if math.isfinite(wake) else None
                 if feedback is not None:
                     news = await feedback.wait(delay)
                     for released in news.released:
                         source.release(released)
                     if news.refresh:
-                        source.refresh(time.monotonic())
+                        source.refresh(auth.clock())
                 elif delay is None:
                     await anyio.sleep_forever()
                 else:
                     await anyio.sleep(delay)
-                now = time.monotonic()
+                now = auth.clock()
                 await auth.step(now)
                 if (new := await source.step(now)) is not None:
                     yield new
