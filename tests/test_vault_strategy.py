@@ -495,3 +495,15 @@ def test_reprs_hold_no_secret() -> None:
     lease = Lease("database/creds/app/1", "v-app", "postgresql://v-app:pw-1@db/app", term, token)
     assert "t0k3n" not in repr(token)
     assert "pw-1" not in repr(lease) and "t0k3n" not in repr(lease)
+
+
+def test_the_secrets_remembered_for_scrubbing_are_bounded_and_keep_the_token() -> None:
+    opts = parse_options(DB, Kind.DYNAMIC, {})
+    client = VaultClient("http://vault", namespace=None, timeout=1.0, verify=True, secrets=list)
+    auth = Authenticator(client, opts, {})
+    auth.remember("s.t0k3n")
+    for n in range(1000):
+        auth.remember(f"pw-{n}", password=True)
+    secrets = auth.secrets()
+    assert "s.t0k3n" in secrets and "pw-999" in secrets and "pw-0" not in secrets
+    assert len(secrets) <= 2 * 64

@@ -30,6 +30,10 @@ __all__ = ["Authenticator", "Token", "UnreadableFile"]
 logger = logging.getLogger("aiohotload.strategies.vault")
 
 _HELPER_FILES = ("~/.vault-token", "~/.bao-token")
+# Secrets remembered for scrubbing error text, of each kind (credentials for Vault, database
+# passwords): the newest ones, so a pool that rotates for months does not grow the list
+# without end, and a stream of passwords never pushes the token out.
+_REMEMBERED = 64
 _MAX_FILE = 64 * 1024
 
 
@@ -69,7 +73,8 @@ class Authenticator:
         self._environ = os.environ if environ is None else environ
         self.current: Token | None = None
         self._tokens: list[Token] = []  # every token we logged in for, not yet revoked
-        self._secrets: set[str] = set()  # for scrubbing error text
+        # For scrubbing error text, oldest first: credentials for Vault, database passwords.
+        self._secrets: tuple[dict[str, None], dict[str, None]] = ({}, {})
         self._backoff = Backoff()
         self._retry_at = 0.0
         self._failures = FailureLog(logger, "renew the Vault token")
@@ -82,9 +87,19 @@ class Authenticator:
             return "token"
         return f"{self._opts.auth.value} login at auth/{self._opts.auth_mount}"
 
-    def secrets(self) -> set[str]:
-        """Every token, secret id and JWT seen, to scrub from error text."""
-        return self._secrets
+    def secrets(self) -> list[str]:
+        """The newest tokens, secret ids, JWTs and passwords seen, to scrub from error text."""
+        return [*self._secrets[0], *self._secrets[1]]
+
+    def remember(self, *secrets: str, password: bool = False) -> None:
+        """Scrub *secrets* (database passwords if *password*) from error text from now on."""
+        store = self._secrets[password]
+        for secret in secrets:
+            if secret:
+                store.pop(secret, None)
+                store[secret] = None
+        while len(store) > _REMEMBERED:
+            del store[next(iter(store))]
 
     async def start(self) -> None:
         """Get the first token; raises VaultError."""
@@ -195,7 +210,7 @@ class Authenticator:
 
     async def _login(self, body: dict[str, str], source: str) -> Token:
         path = f"auth/{self._opts.auth_mount}/login"
-        self._secrets.update(v for k, v in body.items() if k in ("secret_id", "jwt"))
+        self.remember(*(v for k, v in body.items() if k in ("secret_id", "jwt")))
         now = self.clock()
         try:
             data = await self._client.request("POST", path, body, auth=False)
@@ -206,7 +221,7 @@ class Authenticator:
         value = auth.get("client_token")
         if not isinstance(value, str) or not value:
             raise VaultRejected(f"{self.method}: Vault returned no client token")
-        self._secrets.add(value)
+        self.remember(value)
         ttl = _number(auth.get("lease_duration"))
         term = Term.new(
             now, ttl, renewable=bool(auth.get("renewable")), fraction=self._opts.renew_fraction
@@ -215,7 +230,7 @@ class Authenticator:
 
     async def _given_token(self) -> Token:
         value, source = self._token_source()
-        self._secrets.add(value)
+        self.remember(value)
         now = self.clock()
         try:
             data = await self._client.get("auth/token/lookup-self", token=value)
@@ -266,7 +281,7 @@ class Authenticator:
             raise UnreadableFile(f"cannot read {option} {path!r}: {detail}") from None
         if not text or len(text) > _MAX_FILE:
             raise UnreadableFile(f"{option} {path!r} is {'empty' if not text else 'too large'}")
-        self._secrets.add(text)
+        self.remember(text)
         return text
 
 

@@ -156,7 +156,7 @@ class DynamicCredentials:
         username, password = creds.get("username"), creds.get("password")
         if not isinstance(username, str) or not isinstance(password, str) or not username:
             raise Unavailable(f"{self._path} returned no username and password")
-        self._auth.secrets().add(password)
+        self._auth.remember(password, password=True)
         ttl = data.get("lease_duration")
         term = Term.new(
             now,

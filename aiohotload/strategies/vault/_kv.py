@@ -125,10 +125,10 @@ class KvSecret:
         version = meta.get("version")
         for value in secret.values():
             if isinstance(value, str):
-                self._auth.secrets().update(passwords_in_secret(value))
+                self._auth.remember(*passwords_in_secret(value), password=True)
         password = secret.get("password")
         if isinstance(password, str) and password:
-            self._auth.secrets().add(password)
+            self._auth.remember(password, password=True)
         return version if isinstance(version, int) else 0, secret
 
 

@@ -85,7 +85,7 @@ class StaticCredentials:
         username, password = creds.get("username"), creds.get("password")
         if not isinstance(username, str) or not isinstance(password, str) or not username:
             raise Unavailable(f"{self._path} returned no username and password")
-        self._auth.secrets().add(password)
+        self._auth.remember(password, password=True)
         assert self._opts.recipe is not None
         dsn = self._opts.recipe.dsn(username, password)
         ttl = creds.get("ttl")
