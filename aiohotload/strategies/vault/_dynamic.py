@@ -89,7 +89,8 @@ class DynamicCredentials:
             if lease is not None and lease.term.final:
                 left = min(lease.term.expires, lease.owner.ends or math.inf) - now
                 consequence = f"keeping the current DSN; its lease ends in {left:.0f}s"
-                cap = left / 4  # several more tries before the end, whatever the backoff
+                if left > 0:  # several more tries before the end, whatever the backoff
+                    cap = left / 4
             else:
                 consequence = "keeping the current DSN"
             delay = self._pacing.failed(now, exc.reason, consequence, cap=cap)

@@ -25,8 +25,8 @@ REFRESH_GAP = 5.0
 
 class Source(Protocol):
     """One secret in Vault, turned into DSNs (see :mod:`._dynamic`, :mod:`._static`,
-    :mod:`._kv`). Every method but :meth:`close` raises :class:`~._client.VaultError`
-    only from :meth:`start`; later failures are logged and retried."""
+    :mod:`._kv`). Only :meth:`start` raises :class:`~._client.VaultError`; later failures
+    are logged and retried."""
 
     async def start(self) -> str:
         """The first DSN."""
