@@ -1,0 +1,98 @@
+"""What the three kinds of Vault secrets share: the interface the strategy drives, paced
+refreshes, retries, and reading with a new token when Vault refuses the current one."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from ._auth import Authenticator
+from ._client import VaultDenied
+from ._faults import MIN_BACKOFF, Backoff, FailureLog
+
+__all__ = ["REFRESH_GAP", "Pacing", "Source", "with_token"]
+
+logger = logging.getLogger("aiohotload.strategies.vault")
+
+T = TypeVar("T")
+
+#: Shortest time between two reads asked for by the pool (a refused login): a refused login
+#: right after new credentials came is most likely about the old ones.
+REFRESH_GAP = 5.0
+
+
+class Source(Protocol):
+    """One secret in Vault, turned into DSNs (see :mod:`._dynamic`, :mod:`._static`,
+    :mod:`._kv`). Only :meth:`start` raises :class:`~._client.VaultError`; later failures
+    are logged and retried."""
+
+    async def start(self) -> str:
+        """The first DSN."""
+        ...
+
+    def due(self) -> float:
+        """When :meth:`step` has work to do (monotonic seconds; inf: only on news)."""
+        ...
+
+    async def step(self, now: float) -> str | None:
+        """Do what is due: a new DSN to yield, or None."""
+        ...
+
+    def refresh(self, now: float) -> None:
+        """The pool asks for a fresh look (a login with the current DSN was refused)."""
+        ...
+
+    def release(self, dsn: str) -> None:
+        """The pool no longer uses *dsn*."""
+        ...
+
+    async def close(self) -> bool:
+        """Free what is released; True if nothing this source made is still in use."""
+        ...
+
+
+class Pacing:
+    """When a source may act: refreshes at most every :data:`REFRESH_GAP`, and retries
+    after failures with backoff, each failure logged once."""
+
+    def __init__(self, what: str) -> None:
+        self.refresh_at = math.inf
+        self.retry_at = 0.0
+        self._last_read = -math.inf
+        self._backoff = Backoff()
+        self._log = FailureLog(logger, what)
+
+    def request_refresh(self, now: float) -> None:
+        self.refresh_at = min(self.refresh_at, max(now, self._last_read + REFRESH_GAP))
+
+    def read_done(self, now: float) -> None:
+        """A read succeeded: a refresh asked for before now is answered."""
+        self._last_read = now
+        self.refresh_at = math.inf
+        self.succeeded()
+
+    def succeeded(self) -> None:
+        """A request succeeded: no more backoff."""
+        self._backoff.succeeded()
+        self.retry_at = 0.0
+        self._log.recovered()
+
+    def failed(self, now: float, reason: str, consequence: str, *, cap: float = math.inf) -> float:
+        """Log a failure and set :attr:`retry_at`, at most *cap* seconds away; the delay."""
+        delay = min(self._backoff.failed(), max(MIN_BACKOFF, cap))
+        self.retry_at = now + delay
+        self._log.failed(reason, consequence, delay)
+        return delay
+
+
+async def with_token(auth: Authenticator, call: Callable[[], Awaitable[T]]) -> T:
+    """*call*, and once more with a new token if Vault refused the current one (expired,
+    revoked: a 403 is all Vault says) and a new one can be had."""
+    try:
+        return await call()
+    except VaultDenied:
+        if not await auth.replace(reason="Vault refused the current one"):
+            raise
+    return await call()
