@@ -6,7 +6,11 @@ connections it opens, and the means to stop opening them.
   it is opening: a caller waiting for a new connection to an old server that stopped answering
   would wait for asyncpg's connect timeout (60 s), long after the swap.
 - It reports a login the server refused (wrong password, unknown role), so the pool can ask
-  its strategy to look again.
+  its strategy to look again; and after a refusal it refuses new logins itself for a while
+  (1 s, doubling to 60 s while the server keeps refusing), raising the server's last answer,
+  so that a wrong password under load cannot turn into a storm of failed logins that locks
+  the account where the server counts them (LDAP, PAM). One login at a time gets through to
+  learn whether the password works again.
 - It gives each connection a deadline when the pool has a ``max_lifetime``.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import random
 import weakref
 from collections.abc import Awaitable, Callable
@@ -21,11 +26,15 @@ from typing import Any
 
 import asyncpg
 
+from .strategies.toolkit import Backoff
+
 __all__ = ["Connector", "abandon", "refused_login"]
 
 # SQLSTATEs of a login the server refused: invalid_authorization_specification (also an
 # unknown role) and invalid_password.
 _REFUSED = frozenset({"28000", "28P01"})
+# How long logins are refused here after the server refused one, by refusals in a row.
+_REFUSED_PAUSE = Backoff(first=1.0, maximum=60.0, jitter=0.1)
 
 
 def refused_login(exc: BaseException) -> bool:
@@ -37,7 +46,17 @@ class Connector:
     """``connect=`` for one inner pool: *connect* (``asyncpg.connect`` or the user's own),
     until :meth:`stop`."""
 
-    __slots__ = ("_connect", "_lifetime", "_on_refused", "_stop", "_stopped", "deadlines")
+    __slots__ = (
+        "_connect",
+        "_lifetime",
+        "_on_refused",
+        "_refusals",
+        "_refused",
+        "_retry_at",
+        "_stop",
+        "_stopped",
+        "deadlines",
+    )
 
     def __init__(
         self,
@@ -50,6 +69,9 @@ class Connector:
         self._lifetime = lifetime  # (max_lifetime, jitter fraction)
         self._stopped = False
         self._stop: asyncio.Future[None] | None = None  # made on first use, in the loop
+        self._refused: BaseException | None = None  # the server's last refusal, if any
+        self._refusals = 0  # in a row
+        self._retry_at = 0.0  # loop.time() before which logins are refused here
         self.deadlines: weakref.WeakKeyDictionary[asyncpg.Connection, float] = (
             weakref.WeakKeyDictionary()
         )
@@ -67,6 +89,11 @@ class Connector:
         if self._stopped:
             raise asyncpg.InterfaceError("pool is closing: no new connections")
         loop = asyncio.get_running_loop()
+        if self._refused is not None:
+            if loop.time() < self._retry_at:
+                raise _copy(self._refused)
+            # One attempt goes through; the others keep failing fast until it is answered.
+            self._retry_at = loop.time() + _REFUSED_PAUSE.delay(self._refusals + 1)
         if self._stop is None:
             self._stop = loop.create_future()
         # A task of its own, so stop() can abandon it without cancelling the caller.
@@ -85,8 +112,12 @@ class Connector:
             con = opening.result()
         except Exception as exc:
             if refused_login(exc):
+                self._refusals += 1
+                self._refused = exc
+                self._retry_at = loop.time() + _REFUSED_PAUSE.delay(self._refusals)
                 self._on_refused()
             raise
+        self._refused, self._refusals = None, 0
         if self._lifetime is not None:
             lifetime, jitter = self._lifetime
             # Spread so connections opened together are not all replaced together.
@@ -107,3 +138,11 @@ def abandon(opening: asyncio.Future[asyncpg.Connection]) -> None:
 def _close_if_connected(opening: asyncio.Future[asyncpg.Connection]) -> None:
     if not opening.cancelled() and opening.exception() is None:
         opening.result().terminate()
+
+
+def _copy(exc: BaseException) -> BaseException:
+    """A fresh copy of *exc* to raise again (raising one object over and over would grow its
+    traceback)."""
+    again = copy.copy(exc)
+    again.__traceback__ = None
+    return again

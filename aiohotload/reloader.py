@@ -118,6 +118,9 @@ class Reloader(Generic[T]):
         self._closed = False
         # What the strategy hears from us, if it listens (see strategies.feedback).
         self._feedback = Feedback() if takes_feedback(self._strategy) else None
+        if self._feedback is not None:
+            self._feedback.on_trouble = self._strategy_trouble
+        self._trouble: StrategyError | None = None  # what the strategy reported, if any
         self._refreshes = 0  # refresh requests since the strategy last brought a new DSN
         self._next_refresh = 0.0
         # DSNs in use, with how many generations use each: the strategy hears when one is
@@ -224,6 +227,14 @@ class Reloader(Generic[T]):
         if self._first is None:
             self._first = asyncio.get_running_loop().create_future()
         return self._first
+
+    def _strategy_trouble(self, reason: str | None) -> None:
+        """The strategy keeps its DSN but cannot read its source: show it as last_error."""
+        if reason is not None:
+            self._trouble = StrategyError(f"strategy {self._url.strategy!r}: {reason}")
+            self.last_error = self._trouble
+        elif self.last_error is self._trouble:
+            self.last_error = self._trouble = None
 
     def _release_if_unused(self, dsn: str) -> None:
         if self._in_use[dsn] > 0 or dsn == self._wanted:

@@ -36,6 +36,7 @@ import asyncio
 import contextvars
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -47,7 +48,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 from sqlalchemy.util import greenlet_spawn
 
 from . import _asyncpg
-from ._connector import abandon
+from ._connector import Connector
 from ._lifecycle import Generation, Lifecycle
 from .dsn import as_url
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
@@ -77,14 +78,14 @@ _VALIDATING: contextvars.ContextVar[_EngineGeneration | None] = contextvars.Cont
 class _EngineGeneration(Generation):
     """One DSN in use, and the engine's connections made with it."""
 
-    __slots__ = ("drained", "idle", "out", "retiring")
+    __slots__ = ("connector", "drained", "idle", "out")
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, on_refused: Callable[[Generation], None]) -> None:
         super().__init__(dsn)
         self.out: set[ConnectionPoolEntry] = set()  # checked out
         self.idle: set[ConnectionPoolEntry] = set()  # in the pool, connected
-        # Done when retired: connections still being made for it go to the current DSN.
-        self.retiring: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Stopped when retired: connections still being made for it go to the current DSN.
+        self.connector = Connector(asyncpg.connect, lambda: on_refused(self))
         self.drained = asyncio.Event()  # retired, and nothing checked out
 
 
@@ -98,10 +99,10 @@ class _EngineOps:
     async def open(self, dsn: str) -> _EngineGeneration:
         """Validate *dsn* with one connection made as the engine makes them: through a copy
         of its pool (same creator, same event listeners), closed at once."""
-        gen = _EngineGeneration(dsn)
         engine = self._engine()
         if engine is None:
             raise HotloadError("engine was garbage-collected")
+        gen = _EngineGeneration(dsn, engine._login_refused)
         token = _VALIDATING.set(gen)
         try:
             pool = engine.sync_engine.pool.recreate()
@@ -118,12 +119,12 @@ class _EngineOps:
 
     def discard(self, gen: _EngineGeneration) -> None:
         """Nothing stays open for a generation that never served."""
-        _settle(gen.retiring)
+        gen.connector.stop()
 
     def retire(self, gen: _EngineGeneration) -> None:
         """Connections being made for *gen* go to the current DSN; idle ones close now (their
         slots reconnect when next used)."""
-        _settle(gen.retiring)
+        gen.connector.stop()
         for record in list(gen.idle):
             record.invalidate()
         gen.idle.clear()
@@ -151,7 +152,7 @@ class _EngineOps:
 
     def terminate(self, gen: _EngineGeneration) -> None:
         """Invalidate every connection of *gen* now."""
-        _settle(gen.retiring)
+        gen.connector.stop()
         for record in [*gen.out, *gen.idle]:
             # Closes its socket now (outside SQLAlchemy's greenlet, invalidation terminates):
             # the session using it sees a disconnect at its next statement, SQLAlchemy
@@ -294,29 +295,29 @@ class HotEngine(AsyncEngine):
         being validated)."""
         gen = _VALIDATING.get() or await self._started()
         while True:
-            opening = asyncio.ensure_future(asyncpg.connect(as_url(gen.dsn), **self._connect_args))
             try:
-                await asyncio.wait((opening, gen.retiring), return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                abandon(opening)
-                raise
-            if not gen.retiring.done():
+                conn = await gen.connector(as_url(gen.dsn), **self._connect_args)
                 break
-            # Retired while connecting (the old server may not even answer): use the new DSN.
-            abandon(opening)
-            gen = await self._started()
-        try:
-            conn: asyncpg.Connection = opening.result()
-        except Exception as exc:
-            message = str(exc)
-            redacted = redact_text(message, list(secrets_of(gen.dsn)))
-            if redacted != message:  # never seen from asyncpg, but a password must not show
-                raise DriverError(
-                    f"could not connect to {gen.target}: {type(exc).__name__}: {redacted}"
-                ) from None
-            raise
+            except asyncpg.InterfaceError:
+                if not gen.retired:
+                    raise
+                # Retired while connecting (the old server may not even answer): use the new
+                # DSN.
+                gen = await self._started()
+            except Exception as exc:
+                message = str(exc)
+                redacted = redact_text(message, list(secrets_of(gen.dsn)))
+                if redacted != message:  # never seen from asyncpg, but a password must not show
+                    raise DriverError(
+                        f"could not connect to {gen.target}: {type(exc).__name__}: {redacted}"
+                    ) from None
+                raise
         self._made[conn] = gen
         return conn
+
+    def _login_refused(self, gen: Generation) -> None:
+        if self._lc is not None:
+            self._lc.login_refused(gen)
 
     def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         conn = record.driver_connection
@@ -465,11 +466,6 @@ def create_async_engine(url: str, *, name: str | None = None, **engine_kwargs: A
     (or :meth:`HotEngine.start`).
     """
     return HotEngine(url, name=name, **engine_kwargs)
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -219,7 +219,6 @@ async def test_renewal_keeps_one_lease_alive_below_max_ttl(
     assert await bao.leases(db.prefix) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the pool's refresh on refused login")
 async def test_revoked_lease_mid_life(bao: BaoServer, pg_a: PgServer, root_token: str) -> None:
     """A lease revoked behind our back (its user dropped, its sessions terminated): the
     pool's refused logins make it ask the strategy for a refresh, which brings new
@@ -433,13 +432,17 @@ async def test_sealed_stopped_and_restarted_vault_keeps_the_pool_serving(
                         bao.seal()
                         await logs.wait("cannot renew or replace", "sealed", since=mark, timeout=20)
                         await load.progress(10)
+                        # The pool shows the strategy's trouble (alerts and health see it).
+                        assert "sealed" in str(pool.last_error)
                         bao.unseal()
                     else:
                         bao.stop()
                         await logs.wait("cannot renew or replace", since=mark, timeout=20)
                         await load.progress(10)
+                        assert "cannot renew or replace" in str(pool.last_error)
                         bao.start()
                     await logs.wait("can renew or replace", "again", since=mark, timeout=30)
+                    await wait_for(lambda: pool.last_error, lambda e: e is None, timeout=10)
                     await load.progress(10)
             assert load.failures == []
             assert await current_user(pool) == user

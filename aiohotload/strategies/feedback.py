@@ -24,6 +24,11 @@ The news comes in two kinds:
   (a Vault lease) frees it then. At close, every DSN is released before the watch is closed,
   and :meth:`Feedback.take` in the strategy's ``finally`` collects what is still pending.
 
+The strategy may also tell the pool about trouble it works around (:meth:`Feedback.trouble`:
+its source cannot be read for now, so it keeps the DSN it has): the pool shows it as its
+``last_error`` until the strategy clears it, so health checks and the
+``hotload_reload_failing`` alert see it.
+
 Released DSNs carry passwords: never log them (:func:`aiohotload.redact_dsn` does).
 """
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Feedback", "News", "wants_feedback"]
@@ -59,12 +65,15 @@ class Feedback:
     and :meth:`release`. Both sides run on the same event loop.
     """
 
-    __slots__ = ("_refresh", "_released", "_wake")
+    __slots__ = ("_refresh", "_released", "_trouble", "_wake", "on_trouble")
 
     def __init__(self) -> None:
         self._refresh = False
         self._released: list[str] = []
         self._wake = asyncio.Event()
+        self._trouble: str | None = None
+        self.on_trouble: Callable[[str | None], None] = lambda reason: None
+        """Called by :meth:`trouble` when the strategy's trouble changes (the pool's side)."""
 
     # ------------------------------------------------------------------ the strategy's side
 
@@ -75,6 +84,13 @@ class Feedback:
         self._released.clear()
         self._wake.clear()
         return news
+
+    def trouble(self, reason: str | None) -> None:
+        """Report what keeps the strategy from reading its source now, or None once it can
+        again. *reason* must be safe to show: no secret, no DSN."""
+        if reason != self._trouble:
+            self._trouble = reason
+            self.on_trouble(reason)
 
     async def wait(self, timeout: float | None = None) -> News:
         """Wait up to *timeout* seconds (None: no limit) for news and return it; an empty

@@ -81,6 +81,11 @@ class Authenticator:
         self._warned_end = False
 
     @property
+    def trouble(self) -> str | None:
+        """What keeps the token from being renewed now (safe to show), or None."""
+        return self._failures.trouble
+
+    @property
     def method(self) -> str:
         """How we log in, for messages."""
         if self._opts.auth is AuthMethod.TOKEN:

@@ -48,6 +48,11 @@ class DynamicCredentials:
     async def start(self) -> str:
         return (await self._fetch(self._auth.clock(), "first credentials")).dsn
 
+    @property
+    def trouble(self) -> str | None:
+        """What keeps this source from reading Vault now (safe to show), or None."""
+        return self._pacing.trouble
+
     def due(self) -> float:
         when = self._pacing.refresh_at
         lease = self.current

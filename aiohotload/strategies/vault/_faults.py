@@ -49,6 +49,11 @@ class FailureLog:
     def failing(self) -> bool:
         return self._last is not None
 
+    @property
+    def trouble(self) -> str | None:
+        """What fails now (safe to show), or None."""
+        return None if self._last is None else f"cannot {self._what}: {self._last}"
+
     def failed(self, reason: str, consequence: str, retry_in: float) -> None:
         """*reason* (safe to log) and what it means, e.g. 'keeping the current DSN'."""
         level = logging.DEBUG if reason == self._last else logging.WARNING

@@ -48,6 +48,11 @@ class KvSecret:
         self._next_poll = now + self._opts.interval
         return self._dsn
 
+    @property
+    def trouble(self) -> str | None:
+        """What keeps this source from reading Vault now (safe to show), or None."""
+        return self._pacing.trouble
+
     def due(self) -> float:
         return max(min(self._next_poll, self._pacing.refresh_at), self._pacing.retry_at)
 

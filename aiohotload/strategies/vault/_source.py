@@ -32,6 +32,11 @@ class Source(Protocol):
         """The first DSN."""
         ...
 
+    @property
+    def trouble(self) -> str | None:
+        """What keeps this source from reading Vault now (safe to show), or None."""
+        ...
+
     def due(self) -> float:
         """When :meth:`step` has work to do (monotonic seconds; inf: only on news)."""
         ...
@@ -63,6 +68,11 @@ class Pacing:
         self._last_read = -math.inf
         self._backoff = Backoff()
         self._log = FailureLog(logger, what)
+
+    @property
+    def trouble(self) -> str | None:
+        """What fails now (safe to show), or None."""
+        return self._log.trouble
 
     def request_refresh(self, now: float) -> None:
         self.refresh_at = min(self.refresh_at, max(now, self._last_read + REFRESH_GAP))

@@ -45,6 +45,11 @@ class StaticCredentials:
         self._pacing.read_done(now)
         return self._dsn
 
+    @property
+    def trouble(self) -> str | None:
+        """What keeps this source from reading Vault now (safe to show), or None."""
+        return self._pacing.trouble
+
     def due(self) -> float:
         return max(min(self._next_read, self._pacing.refresh_at), self._pacing.retry_at)
 

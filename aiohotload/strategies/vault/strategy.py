@@ -88,7 +88,10 @@ class VaultStrategy:
                     await anyio.sleep(delay)
                 now = auth.clock()
                 await auth.step(now)
-                if (new := await source.step(now)) is not None:
+                new = await source.step(now)
+                if feedback is not None:  # the pool shows it as its last_error
+                    feedback.trouble(source.trouble or auth.trouble)
+                if new is not None:
                     yield new
         finally:
             # Shielded: the pool cancels the watch when it closes, and the leases it released
