@@ -139,6 +139,7 @@ class AsyncpgSetConnectArgs(Alternative):
 
     async def query(self) -> Marker:
         row = await self.pool.fetchrow(QUERY)
+        assert row is not None
         return row[0], row[1]
 
     async def close(self) -> None:
@@ -170,6 +171,7 @@ class AsyncpgPasswordCallable(Alternative):
 
     async def query(self) -> Marker:
         row = await self.pool.fetchrow(QUERY)
+        assert row is not None
         return row[0], row[1]
 
     async def close(self) -> None:
@@ -291,6 +293,7 @@ class Aiohotload(Alternative):
 
     async def query(self) -> Marker:
         row = await self.pool.fetchrow(QUERY)
+        assert row is not None
         return row[0], row[1]
 
     async def close(self) -> None:
@@ -562,6 +565,8 @@ async def bench_alternatives(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "alternatives.md").write_text(md)
+        (out / "alternatives.json").write_text(json.dumps(results, indent=2))
+        print(f"results: {out / 'alternatives.json'}, {out / 'alternatives.md'}")
     return results
 
 
@@ -643,10 +648,7 @@ async def main() -> None:
     with two_servers() as (tmp, a, b):
         for s in (a, b):
             await s.create_role(ROLE, PASSWORD)
-        results = await bench_alternatives(a, b, args, tmp)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "alternatives.json").write_text(json.dumps(results, indent=2))
-    print(f"results: {args.out / 'alternatives.json'}")
+        await bench_alternatives(a, b, args, tmp)
 
 
 if __name__ == "__main__":
