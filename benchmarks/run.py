@@ -16,9 +16,7 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -28,28 +26,36 @@ from typing import Any
 
 import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aiohotload  # noqa: E402
-from aiohotload import HotPool  # noqa: E402
-from aiohotload._pgserver import PgServer, PgTemplate, start_all  # noqa: E402
+from common import (
+    PASSWORD,
+    ROLE,
+    PgServer,
+    median,
+    pct,
+    two_servers,
+    write_atomic,
+    write_in_place,
+)
+
+import aiohotload
+from aiohotload import HotPool
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Every row, in the order they run; ``--only`` picks some.
+ROWS = (
+    "overhead",
+    "sqlalchemy",
+    "switch",
+    "switch_under_load",
+    "during",
+    "many",
+    "alternatives",
+)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_in_place(path: Path, dsn: str) -> None:
-    with open(path, "w") as f:
-        f.write(dsn + "\n")
-
-
-def write_atomic(path: Path, dsn: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn + "\n")
-    os.replace(tmp, path)
 
 
 class K8sVolume:
@@ -78,17 +84,6 @@ class K8sVolume:
             for f in (self.dir / old).iterdir():
                 f.unlink()
             (self.dir / old).rmdir()
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 async def throughput(
@@ -174,7 +169,7 @@ async def backends_of(admin: asyncpg.Connection, user: str) -> int:
 
 
 async def bench_overhead(a: PgServer, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    dsn = a.dsn("bench", "bench-pw")
+    dsn = a.dsn(ROLE, PASSWORD)
     path = tmp / "overhead.dsn"
     write_atomic(path, dsn)
     size = 8
@@ -222,10 +217,10 @@ async def bench_sqlalchemy(a: PgServer, args: argparse.Namespace, tmp: Path) -> 
     from aiohotload.sqlalchemy import create_async_engine as create_hot_engine
 
     path = tmp / "sqlalchemy.dsn"
-    write_atomic(path, a.dsn("bench", "bench-pw"))
+    write_atomic(path, a.dsn(ROLE, PASSWORD))
     size = 8
     bare = create_async_engine(
-        f"postgresql+asyncpg://bench:bench-pw@{a.host}:{a.port}/postgres",
+        f"postgresql+asyncpg://{ROLE}:{PASSWORD}@{a.host}:{a.port}/postgres",
         pool_size=size,
         max_overflow=0,
     )
@@ -252,7 +247,7 @@ async def bench_sqlalchemy(a: PgServer, args: argparse.Namespace, tmp: Path) -> 
 async def bench_switch(
     a: PgServer, b: PgServer, args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
-    dsns = {a.port: a.dsn("bench", "bench-pw"), b.port: b.dsn("bench", "bench-pw")}
+    dsns = {a.port: a.dsn(ROLE, PASSWORD), b.port: b.dsn(ROLE, PASSWORD)}
     out: dict[str, Any] = {}
     for method in ("in_place", "atomic_rename", "k8s_symlink"):
         d = tmp / f"switch-{method}"
@@ -303,7 +298,7 @@ async def bench_switch(
                     write_atomic(path, dsns[new.port])
                     await pool.wait_for_swap(timeout=10)
                     while True:
-                        if await backends_of(admin_old, "bench") == 0:
+                        if await backends_of(admin_old, ROLE) == 0:
                             break
                         await asyncio.sleep(0.001)
                     drains.append((time.perf_counter() - t0) * 1000)
@@ -323,7 +318,7 @@ async def bench_switch(
 async def bench_during_switch(
     a: PgServer, b: PgServer, args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
-    dsns = [a.dsn("bench", "bench-pw"), b.dsn("bench", "bench-pw")]
+    dsns = [a.dsn(ROLE, PASSWORD), b.dsn(ROLE, PASSWORD)]
     path = tmp / "during.dsn"
     write_atomic(path, dsns[0])
     events: list[tuple[float, float]] = []  # (finish time, latency)
@@ -385,7 +380,7 @@ async def bench_many_pools(
     a: PgServer, b: PgServer, args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    dsn_a, dsn_b = a.dsn("bench", "bench-pw"), b.dsn("bench", "bench-pw")
+    dsn_a, dsn_b = a.dsn(ROLE, PASSWORD), b.dsn(ROLE, PASSWORD)
     for n in args.pool_counts:
         d = tmp / f"many-{n}"
         d.mkdir()
@@ -449,41 +444,87 @@ def plot(results: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ov = results["overhead"]
+    panels = [k for k in ("overhead", "switch", "switch_under_load") if k in results]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        {"overhead": _plot_overhead, "switch": _plot_switch, "switch_under_load": _plot_load}[key](
+            ax, results[key]
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def _plot_overhead(ax: Any, ov: dict[str, Any]) -> None:
     names = list(ov)
     x = range(len(names))
-    ax1.bar([i - 0.2 for i in x], [ov[n]["bare_ops_s"] for n in names], 0.4, label="asyncpg.Pool")
-    ax1.bar([i + 0.2 for i in x], [ov[n]["hot_ops_s"] for n in names], 0.4, label="HotPool")
+    ax.bar([i - 0.2 for i in x], [ov[n]["bare_ops_s"] for n in names], 0.4, label="asyncpg.Pool")
+    ax.bar([i + 0.2 for i in x], [ov[n]["hot_ops_s"] for n in names], 0.4, label="HotPool")
     for i, n in enumerate(names):
-        ax1.text(
+        ax.text(
             i,
             max(ov[n]["bare_ops_s"], ov[n]["hot_ops_s"]),
             f"{ov[n]['ratio']:.3f}",
             ha="center",
             va="bottom",
         )
-    ax1.set_xticks(list(x), names)
-    ax1.set_ylabel("operations / s (median)")
-    ax1.set_title("Throughput, same process, interleaved rounds")
-    ax1.legend()
-    sw = results["switch"]
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("operations / s (median)")
+    ax.set_title("Throughput, same process, interleaved rounds")
+    ax.legend()
+
+
+def _plot_switch(ax: Any, sw: dict[str, Any]) -> None:
     methods = [m for m in ("in_place", "atomic_rename", "k8s_symlink") if m in sw]
-    ax2.boxplot([sw[m]["samples_ms"] for m in methods])
-    ax2.set_xticks(range(1, len(methods) + 1), methods)
-    ax2.set_ylabel("ms from file write to first query on the new server")
-    ax2.set_title("Switch latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    ax.boxplot([sw[m]["samples_ms"] for m in methods])
+    ax.set_xticks(range(1, len(methods) + 1), methods)
+    ax.set_ylabel("ms from file write to first query on the new server")
+    ax.set_title("Switch latency (idle pool)")
+
+
+def _plot_load(ax: Any, sul: dict[str, Any]) -> None:
+    keys = [
+        k
+        for k in ("idle_graceful", "loaded_graceful", "idle_force_kill", "loaded_force_kill")
+        if k in sul
+    ]
+    ax.boxplot([sul[k]["samples_ms"] for k in keys])
+    swaps = [median(sul[k]["swap_samples_ms"]) for k in keys]
+    ax.plot(range(1, len(keys) + 1), swaps, "x", label="SwapDone (median)")
+    ax.set_xticks(range(1, len(keys) + 1), [k.replace("_", "\n", 1) for k in keys])
+    ax.set_ylabel("ms from file write to first answer from the new server")
+    ax.set_title("Switch with 16 workers flat out vs idle")
+    ax.legend()
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--only", nargs="*", default=None, help="overhead sqlalchemy switch during many"
+        "--only",
+        nargs="+",
+        choices=ROWS,
+        default=None,
+        metavar="ROW",
+        help=f"run only these rows ({', '.join(ROWS)}); their results replace the same rows "
+        "in an existing results.json, the others are kept",
+    )
+    parser.add_argument(
+        "--url-options",
+        dest="sul_url_options",
+        default="",
+        help="extra hotload URL options for the switch_under_load pools (e.g. step=1), "
+        "to try a change",
+    )
+    parser.add_argument(
+        "--min-size",
+        dest="sul_min_size",
+        type=int,
+        default=None,
+        help="min_size of the switch_under_load pools (default: 8, their max_size)",
     )
     args = parser.parse_args()
     args.workers = 16
@@ -492,51 +533,55 @@ async def main() -> None:
     args.switches = 10 if args.quick else 50
     args.during_swaps = 3 if args.quick else 10
     args.pool_counts = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
-    only = set(args.only or ["overhead", "sqlalchemy", "switch", "during", "many"])
+    args.sul_rounds = 1 if args.quick else 4
+    args.sul_switches = 3 if args.quick else 5
+    args.alt_changes = 4 if args.quick else 12
+    only = set(args.only or ROWS)
 
-    with tempfile.TemporaryDirectory(prefix="aiohotload-bench-") as tmpdir:
-        tmp = Path(tmpdir)
-        os.chmod(tmp, 0o777)
-        template = PgTemplate.create(tmp / "template")
-        a = PgServer(tmp / "a", template=template, settings={"max_connections": "300"})
-        b = PgServer(tmp / "b", template=template, settings={"max_connections": "300"})
-        start_all([a, b])
-        try:
-            for s in (a, b):
-                await s.create_role("bench", "bench-pw")
-            results: dict[str, Any] = {
-                "machine": {
-                    "python": platform.python_version(),
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "asyncpg": asyncpg.__version__,
-                    "aiohotload": aiohotload.__version__,
-                },
-                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-            if "overhead" in only:
-                print("1-2. overhead against a bare asyncpg pool (16 workers, pools of 8)")
-                results["overhead"] = await bench_overhead(a, args, tmp)
-            if "sqlalchemy" in only:
-                print("2b. sqlalchemy engine against a plain create_async_engine (pools of 8)")
-                results["sqlalchemy_engine"] = await bench_sqlalchemy(a, args, tmp)
-            if "switch" in only:
-                print("3. switch latency")
-                results["switch"] = await bench_switch(a, b, args, tmp)
-            if "during" in only:
-                print("4. queries during a switch")
-                results["during_switch"] = await bench_during_switch(a, b, args, tmp)
-            if "many" in only:
-                print("5. many pools")
-                results["many_pools"] = await bench_many_pools(a, b, args, tmp)
-        finally:
-            for s in (a, b):
-                s.cleanup()
+    results: dict[str, Any] = {}
+    out_file = args.out / "results.json"
+    if args.only and out_file.exists():
+        results = json.loads(out_file.read_text())
+    with two_servers() as (tmp, a, b):
+        for s in (a, b):
+            await s.create_role(ROLE, PASSWORD)
+        results["machine"] = {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "asyncpg": asyncpg.__version__,
+            "aiohotload": aiohotload.__version__,
+        }
+        results["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        if "overhead" in only:
+            print("1-2. overhead against a bare asyncpg pool (16 workers, pools of 8)")
+            results["overhead"] = await bench_overhead(a, args, tmp)
+        if "sqlalchemy" in only:
+            print("2b. sqlalchemy engine against a plain create_async_engine (pools of 8)")
+            results["sqlalchemy_engine"] = await bench_sqlalchemy(a, args, tmp)
+        if "switch" in only:
+            print("3. switch latency")
+            results["switch"] = await bench_switch(a, b, args, tmp)
+        if "switch_under_load" in only:
+            from switch_under_load import bench_switch_under_load
+
+            print("3b. switch under load (16 workers flat out) against idle, pools of 8")
+            results["switch_under_load"] = await bench_switch_under_load(a, b, args, tmp)
+        if "during" in only:
+            print("4. queries during a switch")
+            results["during_switch"] = await bench_during_switch(a, b, args, tmp)
+        if "many" in only:
+            print("5. many pools")
+            results["many_pools"] = await bench_many_pools(a, b, args, tmp)
+        if "alternatives" in only:
+            from alternatives import bench_alternatives
+
+            print("6. rotation side by side with the alternatives")
+            results["alternatives"] = await bench_alternatives(a, b, args, tmp)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"results: {args.out / 'results.json'}")
-    if "overhead" in results and "switch" in results:
-        plot(results, args.out / "results.png")
+    out_file.write_text(json.dumps(results, indent=2))
+    print(f"results: {out_file}")
+    plot(results, args.out / "results.png")
 
 
 if __name__ == "__main__":
