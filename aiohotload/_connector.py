@@ -56,6 +56,7 @@ class Connector:
         "_stop",
         "_stopped",
         "deadlines",
+        "made",
     )
 
     def __init__(
@@ -75,6 +76,9 @@ class Connector:
         self.deadlines: weakref.WeakKeyDictionary[asyncpg.Connection, float] = (
             weakref.WeakKeyDictionary()
         )
+        self.made: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+        """Every connection made and not yet collected (closed with a pool that failed to
+        open: asyncpg before 0.32 leaves them open)."""
         """When each connection's lifetime ends (``loop.time()``), with a ``max_lifetime``."""
 
     def stop(self) -> None:
@@ -118,6 +122,9 @@ class Connector:
                 self._on_refused()
             raise
         self._refused, self._refusals = None, 0
+        if not isinstance(con, asyncpg.Connection):
+            return con  # the user's connect= returned something else: asyncpg says what
+        self.made.add(con)
         if self._lifetime is not None:
             lifetime, jitter = self._lifetime
             # Spread so connections opened together are not all replaced together.

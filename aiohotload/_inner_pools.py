@@ -81,8 +81,9 @@ class InnerPools:
                 self._lifetime,
             )
             kwargs["connect"] = gen.connector
-        pool = await self._driver(dsn, **kwargs)
+        pool = None
         try:
+            pool = await self._driver(dsn, **kwargs)
             async with pool.acquire():
                 pass
         except BaseException:
@@ -152,9 +153,13 @@ class InnerPools:
             self._stop(gen, gen.pool)
 
     def _stop(self, gen: Inner, pool: Any) -> None:
+        connections = set(_asyncpg.all_connections(pool))
         if gen.connector is not None:
             gen.connector.stop()
-        for con in _asyncpg.all_connections(pool):
+            # Also those of a pool that failed to open (asyncpg < 0.32 leaves them open).
+            connections.update(gen.connector.made)
+        for con in connections:
             _asyncpg.abort(con)
-        with contextlib.suppress(asyncpg.InterfaceError):  # never initialised
-            pool.terminate()
+        if pool is not None:
+            with contextlib.suppress(asyncpg.InterfaceError):  # never initialised
+                pool.terminate()
