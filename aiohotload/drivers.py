@@ -46,8 +46,10 @@ class Driver(Protocol):
 async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
     """Open an :class:`asyncpg.Pool` on *dsn* with *pool_kwargs*.
 
-    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first. The pool's
-    new connections can be abandoned with :func:`stop_connecting`.
+    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first, and any DSN
+    asyncpg would misread is refused with :class:`~aiohotload.InvalidDSNError`
+    (:func:`~aiohotload.dsn.as_url`). The pool's new connections can be abandoned with
+    :func:`stop_connecting`.
     """
     dsn = as_url(dsn)
     connect = pool_kwargs.pop("connect", None) or asyncpg.connect

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "DriverError",
     "HotloadError",
+    "InvalidDSNError",
     "InvalidOptionError",
     "InvalidURLError",
     "RegistryError",
@@ -29,6 +30,12 @@ class InvalidURLError(HotloadError, ValueError):
 
 class InvalidOptionError(HotloadError, ValueError):
     """An option in the URL's query is unknown or has a bad value."""
+
+    __module__ = "aiohotload"
+
+
+class InvalidDSNError(HotloadError, ValueError):
+    """A DSN cannot be read; the message says what is wrong and where, never quoting it."""
 
     __module__ = "aiohotload"
 

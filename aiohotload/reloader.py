@@ -23,7 +23,7 @@ import anyio
 
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, ReloadStarted
-from .redact import redact_dsn, redact_text, secrets_of
+from .redact import describe_error, redact_dsn, redact_text
 from .strategies import Feedback, Strategy, get_strategy, open_watch, takes_feedback
 from .url import HotloadURL
 
@@ -365,7 +365,7 @@ def _describe(exc: BaseException, secrets: Sequence[str]) -> str:
 def _reload_error(exc: BaseException, dsn: str, action: str) -> HotloadError:
     if isinstance(exc, HotloadError):
         return exc
-    return DriverError(f"could not {action} {redact_dsn(dsn)}: {_describe(exc, secrets_of(dsn))}")
+    return DriverError(f"could not {action} {redact_dsn(dsn)}: {describe_error(exc, dsn)}")
 
 
 async def _cancel_and_close(
