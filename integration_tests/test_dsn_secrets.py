@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import aiohotload
 from aiohotload import HotloadError, InvalidDSNError, ReloadFailed
+from aiohotload.sqlalchemy import create_async_engine
 
 from .conftest import RoleFactory
 from .faults import EventLog, url_for
@@ -234,5 +235,24 @@ async def test_a_later_dsn_never_shows_its_password(
         assert_no_piece(pw, "an event", repr(event))
     for event in failed:
         assert_no_piece(pw, "a ReloadFailed event", f"{event.target} {event.error}")
+    for text in records.texts:
+        assert_no_piece(pw, "a log record", text)
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_the_sqlalchemy_engine_never_shows_the_password(
+    form: str, pg_a: PgServer, records: Records, tmp_path: Path
+) -> None:
+    pw = "Qx7k/Lm9z?Zp2r@Tn"
+    path = tmp_path / "dsn"
+    write(path, dsn_in_form(form, pw, host="127.0.0.1", port=pg_a.port, user="app", db="app"))
+    engine = create_async_engine(url_for(path, connect_timeout="10"))
+    try:
+        with pytest.raises((HotloadError, asyncpg.PostgresError, OSError)) as info:
+            await engine.start()
+    finally:
+        await engine.dispose()
+    for exc in shown(info.value):
+        assert_no_piece(pw, "the exception", f"{exc!s} {exc!r}")
     for text in records.texts:
         assert_no_piece(pw, "a log record", text)
