@@ -31,17 +31,24 @@ _KV_PASSWORD = re.compile(
     r"""(?P<value>'(?:[^'\\]|\\.)*(?:'|\\)?|(?:\\.|[^ \t\n\r\f\v\\])*\\?)""",
     re.IGNORECASE | re.DOTALL,
 )
-# A query parameter's name: up to the first of '&=#?'. Tried at every '?' and '&' (not just
-# non-overlapping matches), so a password value that itself holds '?password=' cannot hide a
-# later parameter. The value runs to the next '&' only: a raw '#' or '?' in it is more likely
-# part of a password than not.
-_QUERY_NAME = re.compile(r"[^&=#?]*")
+# A query parameter whose name may decode to a password's (it holds "pass" or an escape):
+# '?' or '&', a name without '&=#?', '='. A match never holds another '?' or '&', so every one
+# is tried: a password value that itself holds '?password=' cannot hide a later parameter.
+# The value runs to the next '&' only: a raw '#' or '?' in it is more likely part of a
+# password than not. (The lookahead scans one name at most: linear.)
+_QUERY_PARAM = re.compile(r"[?&](?=[^&=#?]*?(?:pass|%))(?P<name>[^&=#?]*)=", re.IGNORECASE)
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 # In free text, a name that says it holds a secret, then its value: shell and dotenv
 # assignments (PGPASSWORD=x, export DB_PASSWORD='x'), JSON and YAML (\"password\": \"x\",
 # password: x), HTTP-like headers (X-Vault-Token: x) and command-line flags (--password x).
-_NAME = re.compile(r"(?<![A-Za-z0-9_.\-])[A-Za-z0-9_.\-]+")
-_SECRET_WORDS = re.compile(r"pass|pwd|secret|token|apikey|credential|privatekey|auth")
+# A name is a run of letters, digits and '_.-' holding a secret word. The words are found
+# first (in C); a name is then looked at once, however many words it holds: linear.
+_SECRET_WORD = re.compile(  # the lookahead lets the engine skip most positions at C speed
+    r"(?=[PpSsTtAaCc])(?:pass|pwd|secret|token|api[_.\-]?key|credential|private[_.\-]?key|auth)",
+    re.IGNORECASE,
+)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_NAME_REST = re.compile(r"[A-Za-z0-9_.\-]*")
 _AFTER_NAME = re.compile(r"""["']?[ \t]*(?P<sign>[=:])[ \t]*""")
 _AFTER_FLAG = re.compile(r"=|[ \t]+")
 _QUERY_VALUE = re.compile(r"[^\s&]*")
@@ -52,6 +59,8 @@ _SPACE = re.compile(r"\s")
 _NOT_A_SECRET_NAME = re.compile(r"(?:error|exception|warning)$")
 # Fragments of a password at least this long are removed from error messages.
 _FRAGMENT = 4
+# Up to this many pieces, each is searched for on its own (in C); beyond, one pass in Python.
+_FIND_EACH = 64
 
 _Span = tuple[int, int]
 _DecodeFn = Callable[[str], str]
@@ -82,11 +91,18 @@ def redact_dsn(dsn: str) -> str:
     return REDACTED
 
 
-def redact_text(text: str, secrets: Sequence[str] = ()) -> str:
+def redact_text(text: str, secrets: Sequence[str] = (), *, pieces: bool = False) -> str:
     """Remove each of *secrets*, and anything shaped like a password (a DSN's password, a
     ``PASSWORD=x``, ``"password": "x"``, ``token: x`` or ``--password x``), from free text
-    such as an error message or a program's output. Linear in the length of *text*."""
-    return _replace(text, _merge(_text_spans(text, secrets)), REDACTED)
+    such as an error message or a program's output. Linear in the length of *text*.
+
+    With *pieces*, every piece of a secret at least 4 characters long goes too: for text
+    that may quote a password in part (a parser's error, a shell trace).
+    """
+    spans = _text_spans(text, secrets)
+    if pieces:
+        spans += _fragment_spans(text, [s for s in secrets if len(s) >= _FRAGMENT])
+    return _replace(text, _merge(spans), _marker(secrets))
 
 
 def describe_error(exc: BaseException, dsn: str) -> str:
@@ -103,10 +119,7 @@ def describe_error(exc: BaseException, dsn: str) -> str:
     if isinstance(exc, InvalidDSNError):
         return message
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    secrets = _secret_forms(dsn)
-    spans = _text_spans(text, secrets)
-    spans += _fragment_spans(text, [s for s in secrets if len(s) >= _FRAGMENT])
-    return _replace(text, _merge(spans), _marker(secrets))
+    return redact_text(text, _secret_forms(dsn), pieces=True)
 
 
 def secrets_of(dsn: str) -> tuple[str, ...]:
@@ -154,31 +167,15 @@ def _query_passwords(text: str, start: int) -> list[tuple[_Span, tuple[_DecodeFn
     """Spans of ``password``/``sslpassword`` query values in ``text[start:]``."""
     found: list[tuple[_Span, tuple[_DecodeFn, ...]]] = []
     amp = -1  # the next '&' at or after the current position; found once per stretch
-    for i in _positions(text, "?&", start):
-        name = _QUERY_NAME.match(text, i + 1)
-        assert name is not None  # it matches the empty string
-        if name.end() >= len(text) or text[name.end()] != "=":
+    for param in _QUERY_PARAM.finditer(text, start):
+        if unquote_plus(param.group("name")).strip().lower() not in _PASSWORD_NAMES:
             continue
-        if unquote_plus(name.group()).strip().lower() not in _PASSWORD_NAMES:
-            continue
-        value_start = name.end() + 1
+        value_start = param.end()
         if amp < value_start:
             amp = text.find("&", value_start)
             if amp == -1:
                 amp = len(text)
         found.append(((value_start, amp), (unquote, unquote_plus)))
-    return found
-
-
-def _positions(text: str, chars: str, start: int = 0) -> list[int]:
-    """Every index at or after *start* where *text* holds one of *chars*, in order."""
-    found: list[int] = []
-    for c in chars:
-        i = text.find(c, start)
-        while i != -1:
-            found.append(i)
-            i = text.find(c, i + 1)
-    found.sort()
     return found
 
 
@@ -231,16 +228,18 @@ def _word_end(text: str, start: int) -> int:
 
 
 def _secret_values(text: str) -> list[_Span]:
-    """Values of names that say they hold a secret (see ``_SECRET_WORDS``)."""
+    """Values of names that say they hold a secret (see ``_SECRET_WORD``)."""
     spans: list[_Span] = []
-    covered = 0  # a name inside a value already hidden is not looked at again
-    for name in _NAME.finditer(text):
-        start, end = name.span()
-        if start < covered:
-            continue
-        word = name.group().lower()
-        if not _SECRET_WORDS.search(word.replace("_", "").replace("-", "")):
-            continue
+    done = 0  # the end of the last name looked at, or of the last value hidden
+    for hit in _SECRET_WORD.finditer(text):
+        if hit.start() < done:
+            continue  # in a name already looked at, or in a hidden value
+        start = hit.start()  # the name around the word: back to its start (once per name)
+        while start > 0 and text[start - 1] in _NAME_CHARS:
+            start -= 1
+        end = _NAME_REST.match(text, hit.end()).end()  # type: ignore[union-attr]
+        done = end
+        word = text[start:end].lower()
         if _NOT_A_SECRET_NAME.search(word):
             continue
         sign = _AFTER_NAME.match(text, end)
@@ -252,7 +251,7 @@ def _secret_values(text: str) -> list[_Span]:
         value = _value_end(text, sign.end(), (start, end), colon=colon)
         if value > sign.end():
             spans.append((sign.end(), value))
-            covered = value
+            done = value
     return spans
 
 
@@ -311,18 +310,25 @@ def _fragment_spans(text: str, secrets: Sequence[str]) -> list[_Span]:
     """Every window of *text* of ``_FRAGMENT`` characters that is also a piece of one of
     *secrets*: together they cover every longer piece too."""
     pieces = {s[i : i + _FRAGMENT] for s in secrets for i in range(len(s) - _FRAGMENT + 1)}
-    if not pieces:
-        return []
-    return [
-        (i, i + _FRAGMENT)
-        for i in range(len(text) - _FRAGMENT + 1)
-        if text[i : i + _FRAGMENT] in pieces
-    ]
+    if len(pieces) > _FIND_EACH:  # one pass over the text, whatever the number of pieces
+        return [
+            (i, i + _FRAGMENT)
+            for i in range(len(text) - _FRAGMENT + 1)
+            if text[i : i + _FRAGMENT] in pieces
+        ]
+    spans: list[_Span] = []
+    for piece in pieces:  # a search per piece: faster while there are few
+        i = text.find(piece)
+        while i != -1:
+            spans.append((i, i + _FRAGMENT))
+            i = text.find(piece, i + 1)
+    return spans
 
 
 def _marker(secrets: Iterable[str]) -> str:
     """:data:`REDACTED`, or a run of another character if a secret holds '*': a marker must
-    share no character with what it hides, or it could rebuild a piece of it."""
+    share no character with what it hides, or next to what is left it could rebuild a piece
+    of it."""
     used = set().union(*(set(s) for s in secrets))
     for c in "*#~_X=":
         if c not in used:
