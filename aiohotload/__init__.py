@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .drivers import Driver, register_driver, unregister_driver
+from .dsn import check_dsn
 from .errors import (
     DriverError,
     HotloadError,
+    InvalidDSNError,
     InvalidOptionError,
     InvalidURLError,
     PoolClosedError,
@@ -25,7 +27,7 @@ from .events import (
     SwapDone,
 )
 from .pool import HotPool, create_pool
-from .redact import redact_dsn
+from .redact import describe_error, redact_dsn
 from .strategies import Feedback, News, Strategy, register_strategy, unregister_strategy
 from .url import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, HotloadURL, parse_url
 
@@ -41,6 +43,7 @@ __all__ = [
     "HotPool",
     "HotloadError",
     "HotloadURL",
+    "InvalidDSNError",
     "InvalidOptionError",
     "InvalidURLError",
     "News",
@@ -55,7 +58,9 @@ __all__ = [
     "SwapDone",
     "UnknownDriverError",
     "UnknownStrategyError",
+    "check_dsn",
     "create_pool",
+    "describe_error",
     "parse_url",
     "redact_dsn",
     "register_driver",

@@ -1,7 +1,8 @@
 """The ``aiohotload`` command: watch a URL's DSN, check that it connects, run the demo.
 
 Nothing it prints holds a password: DSNs are redacted, errors are the library's redacted
-messages.
+messages. SIGINT (Ctrl-C) and SIGTERM stop ``watch`` and ``check`` cleanly: the strategy is
+closed, so a program the ``exec`` strategy is running is killed with its process group.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import datetime
-from typing import TextIO
+from typing import Any, TextIO
+
+import anyio
 
 from . import __version__
 from .drivers import get_driver
@@ -29,15 +34,24 @@ from .redact import redact_dsn, redact_text, secrets_of
 from .strategies import get_strategy
 from .url import HotloadURL, parse_url
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "main",
+]
 
 EXIT_OK = 0
 #: ``check`` could not connect; the demo had failed queries or could not start.
 EXIT_FAILED = 1
 #: Bad arguments or a bad hotload URL (malformed, unknown strategy/driver/option).
 EXIT_USAGE = 2
-#: Ctrl-C (and, for the demo, SIGTERM).
+#: Ctrl-C (SIGINT: 128 + 2), after stopping cleanly; the demo also for SIGTERM.
 EXIT_INTERRUPTED = 130
+#: SIGTERM (128 + 15), after stopping cleanly: ``watch`` and ``check``.
+EXIT_TERMINATED = 143
 
 # Errors that mean the URL itself is wrong, whatever the state of the DSN source.
 _BAD_URL = (InvalidURLError, InvalidOptionError, UnknownStrategyError, UnknownDriverError)
@@ -55,13 +69,16 @@ exit codes:
   1    check: could not connect; demo: some queries failed, or it could not start
   2    usage error or bad hotload URL (malformed, unknown strategy, driver or option)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM; the demo exits 130)
 
 examples:
   aiohotload watch watchfiles://postgres/etc/app/dsn
   aiohotload check 'watchfiles://postgres/etc/app/dsn?connect_timeout=5' --wait 60
   aiohotload demo --duration 30
 
-Passwords are never printed: DSNs are shown with the password as ********."""
+On Ctrl-C or SIGTERM, watch and check stop cleanly: a program the exec strategy is running
+is killed with everything it started. Passwords are never printed: DSNs are shown with the
+password as ********."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=0.0,
         metavar="SECONDS",
-        help="keep trying for up to SECONDS before failing (default: try once)",
+        help="keep trying for up to SECONDS in all, each attempt cut short at that deadline "
+        "(default: try once, for up to the URL's connect_timeout)",
     )
     check.set_defaults(run=_run_check)
 
@@ -182,6 +200,45 @@ def _configure_logging(verbose: int) -> None:
     logging.getLogger("aiohotload").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
+def _run_stoppable(main: Coroutine[Any, Any, int]) -> int:
+    """Run *main* in a new event loop until it returns its exit code. SIGINT and SIGTERM
+    cancel it, so it stops as at any other end (the strategy closed, a running ``exec``
+    program and its process group killed), and give ``128 + signal``."""
+    return asyncio.run(_stoppable(main))
+
+
+async def _stoppable(main: Coroutine[Any, Any, int]) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        received.append(signum)
+        task.cancel()
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop, signum)
+        except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C still interrupts
+            continue
+        installed.append(signum)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        if received[0] == signal.SIGINT:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
 def _error(command: str, message: str, code: int) -> int:
     print(f"aiohotload {command}: error: {message}", file=sys.stderr)
     return code
@@ -223,7 +280,7 @@ def _run_watch(args: argparse.Namespace) -> int:
     parsed = _parse("watch", args.url)
     if isinstance(parsed, int):
         return parsed
-    return asyncio.run(_watch(args.url, parsed, args.count, sys.stdout))
+    return _run_stoppable(_watch(args.url, parsed, args.count, sys.stdout))
 
 
 async def _watch(raw: str, url: HotloadURL, count: int | None, out: TextIO) -> int:
@@ -271,32 +328,51 @@ def _now() -> str:
 def _run_check(args: argparse.Namespace) -> int:
     if isinstance(code := _parse("check", args.url), int):
         return code
-    return asyncio.run(_check(args.url, args.wait, sys.stdout))
+    return _run_stoppable(_check(args.url, args.wait, sys.stdout))
 
 
 async def _check(url: str, wait: float, out: TextIO) -> int:
+    """Connect once; with *wait* > 0, retry until *wait* seconds have passed in all, an
+    attempt still running then being cut short (the URL's connect_timeout bounds it too)."""
     deadline = time.monotonic() + wait
     delay = 0.5
+    last = ""  # why the last attempt failed
     while True:
-        pool = create_pool(url, min_size=1, max_size=1)
-        try:
-            async with pool:
-                version = await pool.fetchval("SHOW server_version")
-                print(f"ok: connected to {pool.target}", file=out)
-                print(f"server_version: {version}", file=out, flush=True)
-                return EXIT_OK
-        except _BAD_URL as exc:  # an option the strategy rejects
-            return _error("check", _describe(exc, url), EXIT_USAGE)
-        except Exception as exc:
-            # The pool's own account names the server it tried (redacted).
-            reason = _describe(pool.last_error or exc, url)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return _error("check", f"cannot connect: {reason}", EXIT_FAILED)
-            pause = min(delay, remaining)
-            print(f"not yet: {reason}; retrying in {pause:.1f}s", file=sys.stderr, flush=True)
-            await asyncio.sleep(pause)
-            delay = min(delay * 2, 5.0)
+        remaining = deadline - time.monotonic()
+        if last and remaining <= 0:
+            return _error("check", f"cannot connect: {last}", EXIT_FAILED)
+        with anyio.move_on_after(remaining if wait > 0 else math.inf) as attempt:
+            try:
+                return await _check_once(url, out)
+            except _BAD_URL as exc:  # an option the strategy rejects
+                return _error("check", _describe(exc, url), EXIT_USAGE)
+            except Exception as exc:
+                last = _describe(exc, url)
+        if attempt.cancelled_caught:
+            why = f"last error: {last}" if last else "the attempt was cut short"
+            return _error("check", f"cannot connect within --wait {wait:g}s ({why})", EXIT_FAILED)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return _error("check", f"cannot connect: {last}", EXIT_FAILED)
+        pause = min(delay, remaining)
+        print(f"not yet: {last}; retrying in {pause:.1f}s", file=sys.stderr, flush=True)
+        await asyncio.sleep(pause)
+        delay = min(delay * 2, 5.0)
+
+
+async def _check_once(url: str, out: TextIO) -> int:
+    pool = create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool:
+            version = await pool.fetchval("SHOW server_version")
+            print(f"ok: connected to {pool.target}", file=out)
+            print(f"server_version: {version}", file=out, flush=True)
+            return EXIT_OK
+    except _BAD_URL:
+        raise
+    except Exception as exc:
+        # The pool's own account names the server it tried (redacted).
+        raise (pool.last_error or exc) from None
 
 
 # --------------------------------------------------------------------------- demo

@@ -41,7 +41,9 @@ class Driver(Protocol):
 async def asyncpg_driver(dsn: str, **pool_kwargs: Any) -> asyncpg.Pool:
     """Open an :class:`asyncpg.Pool` on *dsn* with *pool_kwargs*.
 
-    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first.
+    asyncpg reads only URL DSNs; a libpq ``key=value`` DSN is converted first, and any DSN
+    asyncpg would misread is refused with :class:`~aiohotload.InvalidDSNError`
+    (:func:`~aiohotload.dsn.as_url`).
     """
     return await asyncpg.create_pool(as_url(dsn), **pool_kwargs)
 

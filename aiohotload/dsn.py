@@ -1,15 +1,325 @@
-"""DSN forms: libpq ``key=value`` strings converted to the URL form asyncpg reads."""
+"""DSN forms: a check that a DSN reads as one (without echoing it), and libpq ``key=value``
+strings converted to the URL form asyncpg reads."""
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlencode
+import re
+import unicodedata
+from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlencode, urlsplit
 
-from .errors import InvalidOptionError
+from .errors import InvalidDSNError
 
-__all__ = ["as_url", "is_key_value", "key_value_to_url", "parse_key_value"]
+__all__ = ["as_url", "check_dsn", "is_key_value", "key_value_to_url", "parse_key_value"]
 
 # libpq keywords that have a place in the URL itself; the rest become query parameters.
 _URL_PARTS = frozenset({"host", "hostaddr", "port", "user", "password", "dbname"})
+# Every libpq connection keyword (PostgreSQL 17). An error may name one of these; any other
+# word of a DSN that failed to parse may be a piece of a password, so it is never quoted.
+_LIBPQ_KEYWORDS = _URL_PARTS | frozenset(
+    {
+        "application_name", "channel_binding", "client_encoding", "connect_timeout",
+        "fallback_application_name", "gssdelegation", "gssencmode", "gsslib", "keepalives",
+        "keepalives_count", "keepalives_idle", "keepalives_interval", "krbsrvname",
+        "load_balance_hosts", "options", "passfile", "replication", "require_auth",
+        "requirepeer", "requiressl", "service", "ssl_max_protocol_version",
+        "ssl_min_protocol_version", "sslcert", "sslcertmode", "sslcompression", "sslcrl",
+        "sslcrldir", "sslkey", "sslmode", "sslnegotiation", "sslpassword", "sslrootcert",
+        "sslsni", "target_session_attrs", "tcp_user_timeout",
+    }
+)  # fmt: skip
+
+_SCHEMES = ("postgresql", "postgres")
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+# A shell, dotenv or YAML line holding a URL: DATABASE_URL=postgresql://..., export X="...",
+# url: postgres://...
+_ASSIGNMENT = re.compile(
+    r"(?:export[ \t]+)?[A-Za-z_][A-Za-z0-9_.\-]*[ \t]*(?P<sign>[=:])[ \t]*[\"']?postgres(?:ql)?://",
+    re.IGNORECASE,
+)
+_EMBEDDED_URL = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+# Characters a URL DSN never holds raw: a fragment mark (asyncpg would drop what follows
+# silently) and control characters (line breaks, tabs: urllib removes some silently).
+_URL_FORBIDDEN = re.compile(r"[#\x00-\x1f\x7f]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BOMS = ("\ufeff", "\u00ef\u00bb\u00bf")  # the mark itself; its UTF-8 bytes read as Latin-1
+_MAX_PORT = 65535
+# libpq separates key=value pairs with ASCII whitespace only (C isspace on bytes): a
+# non-ASCII space belongs to the value.
+_BLANKS = frozenset(" \t\n\r\f\v")
+
+
+def check_dsn(dsn: str) -> None:
+    """Raise :class:`~aiohotload.InvalidDSNError` unless *dsn* reads unambiguously as a
+    PostgreSQL URL (``postgresql://...``) or libpq ``key=value`` DSN.
+
+    The message names the problem and its position (character N, counting from 1 after
+    leading blanks), never any text of the DSN: a DSN that failed to parse may hold a password
+    anywhere. It recognises the classic mistakes: a byte order mark at the start, a
+    ``KEY=URL`` line from a dotenv or shell file, an unencoded ``@ / ? #`` in a URL password,
+    a bad port, a query parameter without ``=``.
+    """
+    problem = _problem(dsn.strip())
+    if problem is not None:
+        raise InvalidDSNError(f"invalid DSN: {problem}")
+
+
+def _problem(text: str) -> str | None:
+    if not text:
+        return "it is empty"
+    if text.startswith(_BOMS):
+        return (
+            "it starts with a UTF-8 byte order mark (U+FEFF), which is not part of a DSN: "
+            "save the source as UTF-8 without a byte order mark"
+        )
+    assignment = _ASSIGNMENT.match(text)
+    if assignment is not None:
+        if assignment.group("sign") == "=":
+            return (
+                "it looks like KEY=URL (a shell or dotenv line such as "
+                "DATABASE_URL=postgresql://...): the source must hold the URL alone, without "
+                "a name, '=' or quotes"
+            )
+        return (
+            "it looks like KEY: URL (a YAML or config line such as url: postgresql://...): "
+            "the source must hold the URL alone"
+        )
+    scheme = _URL_SCHEME.match(text)
+    if scheme is not None and (text.startswith("//", scheme.end()) or _is_postgres(text)):
+        return _url_problem(text, scheme.end())
+    if "=" in text:
+        return _key_value_problem(text)
+    return "it is neither a postgresql:// URL nor libpq key=value pairs" + _embedded_url(text)
+
+
+def _is_postgres(text: str) -> bool:
+    return text.split(":", 1)[0].lower() in _SCHEMES
+
+
+def _embedded_url(text: str) -> str:
+    found = _EMBEDDED_URL.search(text)
+    if found is None:
+        return ""
+    return (
+        f"; a postgresql:// URL starts at character {found.start() + 1}, after other text: "
+        "the source must hold the DSN alone"
+    )
+
+
+def _keyword(key: str) -> str:
+    """*key* quoted if it is a libpq keyword, else a neutral word: it may be a secret."""
+    return repr(key) if key in _LIBPQ_KEYWORDS else "the word"
+
+
+# --------------------------------------------------------------------------- URL form
+
+
+def _url_problem(text: str, after_scheme: int) -> str | None:
+    if not _is_postgres(text):
+        return "the URL's scheme must be postgresql:// or postgres://"
+    if not text.startswith("//", after_scheme):
+        return "a URL DSN starts with postgresql:// (two slashes after the colon)"
+    bad = _URL_FORBIDDEN.search(text)
+    if bad is not None:
+        at = bad.start() + 1
+        if bad.group() == "#":
+            return (
+                f"a '#' at character {at}: a DSN has no fragment, and asyncpg would ignore "
+                "what follows; in a password or name, write it as %23"
+            )
+        return (
+            f"a line break, tab or other control character at character {at}: a URL DSN is "
+            "one line; percent-encode it if it belongs to a value"
+        )
+    escape = _BAD_ESCAPE.search(text)
+    if escape is not None:
+        return (
+            f"the '%' at character {escape.start() + 1} is not followed by two hex digits: "
+            "a '%' in a password or name is written %25"
+        )
+    start = after_scheme + 2
+    ends = [i for i in (text.find("/", start), text.find("?", start)) if i != -1]
+    end = min(ends, default=len(text))
+    problem = _authority_problem(text, start, end)
+    if problem is not None:
+        return problem
+    query_at = text.find("?", end)
+    if query_at != -1:
+        problem = _query_problem(text, query_at + 1)
+        if problem is not None:
+            return problem
+    try:  # what asyncpg does with it; the checks above should leave nothing for this to find
+        parts = urlsplit(text)
+        if parts.query:
+            parse_qs(parts.query, strict_parsing=True)
+    except ValueError:
+        return "the URL cannot be read (its user name, password or host part is malformed)"
+    return None
+
+
+def _authority_problem(text: str, start: int, end: int) -> str | None:
+    """Problems in ``user:password@host:port,...`` (``text[start:end]``)."""
+    ats = [i for i in range(start, end) if text[i] == "@"]
+    if len(ats) > 1:
+        return (
+            f"'@' appears more than once before the host (characters {ats[0] + 1} and "
+            f"{ats[1] + 1}): an '@' in a user name or password must be percent-encoded as %40"
+        )
+    for i in range(start, end):
+        if not text[i].isascii() and any(
+            c in unicodedata.normalize("NFKC", text[i]) for c in "/?#@:[]"
+        ):
+            return (
+                f"character {i + 1} becomes a URL delimiter under Unicode "
+                "normalization (NFKC), so the URL cannot be read: percent-encode it"
+            )
+    host_start = start
+    if ats:
+        host_start = ats[0] + 1
+        for i in range(start, ats[0]):
+            if text[i] in "[]":
+                return (
+                    f"a '[' or ']' in the user name or password at character {i + 1}: "
+                    "percent-encode it (%5B, %5D)"
+                )
+    port_problem = _hosts_problem(text, host_start, end, unquoted=False)
+    query = text.find("?", end)
+    path_at = text.find("@", end, len(text) if query == -1 else query)
+    later_at = path_at if ats else text.find("@", end)
+    if later_at != -1 and (
+        port_problem is not None or later_at == path_at or _misplaced_at(text, end, later_at)
+    ):
+        return (
+            f"an '@' at character {later_at + 1} comes after the host part, which ends "
+            f"at the {text[end]!r} at character {end + 1}: a '/', '?' or '#' in a "
+            "password must be percent-encoded (%2F, %3F, %23)"
+        )
+    return port_problem
+
+
+def _misplaced_at(text: str, end: int, at: int) -> bool:
+    """Whether the '@' at *at*, in the query after a host part ending at *end* that has none,
+    likely ends a password cut short by an unencoded '?': it is in a parameter's name, or the
+    host part ends with the password's ':'. (In a value, ``?user=me@corp``, it is fine.)"""
+    if text[end - 1] == ":":
+        return True
+    query = text.find("?", end)
+    field = max(query, text.rfind("&", query, at))
+    return "=" not in text[field:at]
+
+
+def _hosts_problem(text: str, start: int, end: int, *, unquoted: bool) -> str | None:
+    """Problems in a comma-separated list of ``host[:port]`` (``text[start:end]``)."""
+    if start >= end:
+        return None  # no host: the default, or the query's host
+    pos = start
+    for item in text[start:end].split(","):
+        problem = _host_problem(item, pos, unquoted=unquoted)
+        if problem is not None:
+            return problem
+        pos += len(item) + 1
+    return None
+
+
+def _host_problem(item: str, pos: int, *, unquoted: bool) -> str | None:
+    at = pos + 1
+    if not item:
+        return f"an empty host in the host list at character {at}"
+    if item.startswith("/"):
+        return None  # a unix socket directory
+    if item.startswith("["):
+        close = item.find("]")
+        if close == -1:
+            return f"the IPv6 address at character {at} has no closing ']'"
+        rest = item[close + 1 :]
+        if rest and not rest.startswith(":"):
+            return f"unexpected text after the ']' of the IPv6 address at character {at}"
+        port = rest[1:]
+    else:
+        host, _, port = item.partition(":")
+        if ":" in port:
+            return (
+                f"more than one ':' in the host at character {at}: an IPv6 address goes in "
+                "brackets, like [::1]:5432"
+            )
+        if "[" in host or "]" in host:
+            return f"a '[' or ']' in the host at character {at}: only an IPv6 address has them"
+    return _port_problem(
+        port if unquoted else unquote(port), f"the port of the host at character {at}"
+    )
+
+
+def _port_problem(port: str, subject: str) -> str | None:
+    """Whether *port* is one asyncpg reads; *subject* names it in the message."""
+    if not port:
+        return None
+    if not (port.isascii() and port.isdigit()):
+        return f"{subject} is not a number"
+    if not 1 <= int(port) <= _MAX_PORT:
+        return f"{subject} is out of range (1-{_MAX_PORT})"
+    return None
+
+
+def _query_problem(text: str, start: int) -> str | None:
+    """Problems in the query ``text[start:]``, read as asyncpg reads it (strictly)."""
+    if start >= len(text):
+        return None
+    pos = start
+    for field in text[start:].split("&"):
+        at = pos + 1
+        pos += len(field) + 1
+        if not field:
+            return f"an empty query parameter at character {at} ('&&', or '&' at an end)"
+        name, eq, value = field.partition("=")
+        if not eq:
+            return f"the query parameter at character {at} has no '=' (name=value)"
+        name = unquote_plus(name)
+        if name == "port":
+            for port in unquote_plus(value).split(","):
+                problem = _port_problem(port, f"the query parameter 'port' at character {at}")
+                if problem is not None:
+                    return problem
+        elif name == "host":
+            decoded = unquote_plus(value)
+            problem = _hosts_problem(decoded, 0, len(decoded), unquoted=True)
+            if problem is not None:
+                return f"in the query parameter 'host' at character {at}: {problem}"
+    return None
+
+
+# --------------------------------------------------------------------------- key=value form
+
+
+def _key_value_problem(text: str) -> str | None:
+    try:
+        pairs = _key_value_pairs(text)
+    except InvalidDSNError as exc:
+        return str(exc).removeprefix("invalid DSN: ") + _embedded_url(text)
+    for key, value, at in pairs:
+        if not _KEYWORD.fullmatch(key):
+            return (
+                f"the keyword at character {at + 1} is not a word (letters, digits, '_')"
+                + _embedded_url(text)
+            )
+        if key == "port":
+            for port in value.split(","):
+                problem = _port_problem(port, f"'port' at character {at + 1}")
+                if problem is not None:
+                    return problem
+        elif key in ("host", "hostaddr") and not value.startswith("/"):
+            for host in value.split(","):
+                if not host:
+                    return f"an empty host in {key!r} at character {at + 1}"
+                if any(c in host for c in "/?#@[]"):
+                    return (
+                        f"{key!r} at character {at + 1} holds a character a host name cannot "
+                        "have ('/', '?', '#', '@', '[' or ']')"
+                    )
+    try:
+        key_value_to_url(text)
+    except InvalidDSNError as exc:
+        return str(exc).removeprefix("invalid DSN: ")
+    return None
 
 
 def is_key_value(dsn: str) -> bool:
@@ -21,32 +331,47 @@ def is_key_value(dsn: str) -> bool:
 def parse_key_value(dsn: str) -> dict[str, str]:
     """Parse a libpq ``key=value`` DSN (values may be single-quoted, with ``\\`` escapes).
 
-    Raises :class:`~aiohotload.InvalidOptionError` naming the bad keyword, never the value.
+    Raises :class:`~aiohotload.InvalidDSNError` naming the position (and a libpq keyword),
+    never a value or an unknown word, which may be a piece of a password.
     """
-    params: dict[str, str] = {}
+    return {key: value for key, value, _ in _key_value_pairs(dsn)}
+
+
+def _key_value_pairs(dsn: str) -> list[tuple[str, str, int]]:
+    """``(key, value, position of the key)`` for each pair of a key=value DSN, in order."""
+    pairs: list[tuple[str, str, int]] = []
     i, n = 0, len(dsn)
     while True:
-        while i < n and dsn[i].isspace():
+        while i < n and dsn[i] in _BLANKS:
             i += 1
         if i >= n:
-            return params
+            return pairs
         start = i
-        while i < n and not dsn[i].isspace() and dsn[i] != "=":
+        while i < n and dsn[i] not in _BLANKS and dsn[i] != "=":
             i += 1
         key = dsn[start:i]
-        while i < n and dsn[i].isspace():
+        while i < n and dsn[i] in _BLANKS:
             i += 1
-        if not key or i >= n or dsn[i] != "=":
-            raise InvalidOptionError(f"key=value DSN: expected '=' after {key or '(nothing)'!r}")
+        if not key:
+            raise InvalidDSNError(f"invalid DSN: '=' at character {i + 1} has no keyword before it")
+        if i >= n or dsn[i] != "=":
+            raise InvalidDSNError(
+                f"invalid DSN: expected '=' after {_keyword(key)} at character {start + 1} "
+                "(key=value form; a value with spaces must be single-quoted)"
+            )
         i += 1
-        while i < n and dsn[i].isspace():
+        while i < n and dsn[i] in _BLANKS:
             i += 1
         value: list[str] = []
         if i < n and dsn[i] == "'":
+            quote_at = i
             i += 1
             while True:
                 if i >= n:
-                    raise InvalidOptionError(f"key=value DSN: unterminated quote in {key!r}")
+                    raise InvalidDSNError(
+                        f"invalid DSN: the quote at character {quote_at + 1} opening the value "
+                        f"of {_keyword(key)} is never closed"
+                    )
                 c = dsn[i]
                 if c == "\\" and i + 1 < n:
                     value.append(dsn[i + 1])
@@ -58,14 +383,14 @@ def parse_key_value(dsn: str) -> dict[str, str]:
                     value.append(c)
                     i += 1
         else:
-            while i < n and not dsn[i].isspace():
+            while i < n and dsn[i] not in _BLANKS:
                 if dsn[i] == "\\" and i + 1 < n:
                     value.append(dsn[i + 1])
                     i += 2
                 else:
                     value.append(dsn[i])
                     i += 1
-        params[key] = "".join(value)
+        pairs.append((key, "".join(value), start))
 
 
 def key_value_to_url(dsn: str) -> str:
@@ -94,7 +419,9 @@ def key_value_to_url(dsn: str) -> str:
         if len(ports) == 1:
             ports = ports * len(hosts)
         if len(ports) != len(hosts):
-            raise InvalidOptionError("key=value DSN: 'port' lists a different number of hosts")
+            raise InvalidDSNError(
+                "invalid DSN: 'port' lists a different number of hosts than 'host'"
+            )
         # An IPv6 literal needs brackets in a URL.
         host = ",".join(
             (f"[{h}]" if ":" in h else h) + (f":{p}" if p else "")
@@ -108,5 +435,10 @@ def key_value_to_url(dsn: str) -> str:
 
 
 def as_url(dsn: str) -> str:
-    """*dsn* as asyncpg reads it (URLs only): a libpq key=value DSN becomes a URL."""
+    """*dsn* as asyncpg reads it (URLs only): a libpq key=value DSN becomes a URL.
+
+    Checked first with :func:`check_dsn`: this is the step every DSN takes before asyncpg
+    sees it, so nothing asyncpg would misread (and quote back in an error) reaches it.
+    """
+    check_dsn(dsn)
     return key_value_to_url(dsn) if is_key_value(dsn) else dsn

@@ -7,6 +7,7 @@ import asyncpg
 __all__ = [
     "DriverError",
     "HotloadError",
+    "InvalidDSNError",
     "InvalidOptionError",
     "InvalidURLError",
     "PoolClosedError",
@@ -32,6 +33,12 @@ class InvalidURLError(HotloadError, ValueError):
 
 class InvalidOptionError(HotloadError, ValueError):
     """An option in the URL's query is unknown or has a bad value."""
+
+    __module__ = "aiohotload"
+
+
+class InvalidDSNError(HotloadError, ValueError):
+    """A DSN cannot be read; the message says what is wrong and where, never quoting it."""
 
     __module__ = "aiohotload"
 

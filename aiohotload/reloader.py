@@ -23,7 +23,7 @@ import anyio
 
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ReloadFailed, ReloadStarted
-from .redact import redact_dsn, redact_text, secrets_of
+from .redact import describe_error, redact_dsn, redact_text
 from .strategies import Feedback, get_strategy, open_watch, takes_feedback
 from .strategies.toolkit import Backoff
 from .url import HotloadURL
@@ -435,10 +435,12 @@ def _retry_delay(failures: int) -> float:
 
 
 def _describe(exc: BaseException, dsn: str) -> str:
-    """*exc* as text safe to show: no part of *dsn*'s password."""
+    """*exc* as text safe to show: no piece of *dsn*'s password (see
+    :func:`~aiohotload.describe_error`), or of anything shaped like a password."""
+    if dsn:
+        return describe_error(exc, dsn)
     message = str(exc)
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return redact_text(text, list(secrets_of(dsn))) if dsn else redact_text(text)
+    return redact_text(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 def opening_error(exc: BaseException, dsn: str, action: str) -> HotloadError:

@@ -53,7 +53,7 @@ from ._lifecycle import Generation, Lifecycle
 from .dsn import as_url
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
 from .events import EventHub, EventStream
-from .redact import redact_text, secrets_of
+from .redact import describe_error
 from .strategies import get_strategy
 from .url import HotloadURL, parse_url
 
@@ -305,12 +305,10 @@ class HotEngine(AsyncEngine):
                 # DSN.
                 gen = await self._started()
             except Exception as exc:
-                message = str(exc)
-                redacted = redact_text(message, list(secrets_of(gen.dsn)))
+                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                redacted = describe_error(exc, gen.dsn)
                 if redacted != message:  # never seen from asyncpg, but a password must not show
-                    raise DriverError(
-                        f"could not connect to {gen.target}: {type(exc).__name__}: {redacted}"
-                    ) from None
+                    raise DriverError(f"could not connect to {gen.target}: {redacted}") from None
                 raise
         self._made[conn] = gen
         return conn

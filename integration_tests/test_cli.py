@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -15,6 +18,7 @@ import pytest
 from .apps import ROOT, child_env, run_aiohotload, write_dsn
 from .conftest import RoleFactory
 from .pgserver import PgServer, find_bindir
+from .util import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -137,3 +141,162 @@ async def test_demo_on_existing_servers_stops_on_ctrl_c_and_drops_its_role(
         assert re.search(rf"server [AB] 127\.0\.0\.1:{pg.port}: [1-9]\d* queries", output), output
         assert await demo_roles(pg) == []
     assert_no_password(output, pg_a.password)
+
+
+# ------------------------------------------------------------------ signals and --wait
+
+# A program for the exec strategy: its first run prints a DSN; every later run (or every run,
+# with at_once) starts a helper that starts a sleep, and waits. Each writes its pid.
+HANGING_PROGRAM = """#!/bin/sh
+DIR="{dir}"
+if [ -n "{at_once}" ] || [ -e "$DIR/started" ]; then
+    echo $$ > "$DIR/program.pid"
+    "$DIR/helper.sh" &
+    wait
+fi
+touch "$DIR/started"
+echo 'postgresql://app:pw@127.0.0.1:1/app'
+"""
+HELPER = """#!/bin/sh
+echo $$ > "{dir}/helper.pid"
+sleep 300 &
+echo $! > "{dir}/sleep.pid"
+wait
+"""
+PIDS = ("program.pid", "helper.pid", "sleep.pid")
+
+
+def hanging_program(directory: Path, *, at_once: bool = False) -> Path:
+    """The exec program above in *directory*, with its helper."""
+    helper = directory / "helper.sh"
+    helper.write_text(HELPER.format(dir=directory))
+    helper.chmod(0o755)
+    program = directory / "dsn.sh"
+    program.write_text(HANGING_PROGRAM.format(dir=directory, at_once="1" if at_once else ""))
+    program.chmod(0o755)
+    return program
+
+
+def alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def survivors(directory: Path) -> list[int]:
+    """The program's processes (program, helper, sleep) still running."""
+    pids = [int((directory / name).read_text()) for name in PIDS]
+    return [pid for pid in pids if alive(pid)]
+
+
+@pytest.fixture
+def programs(tmp_path: Path) -> Iterator[Path]:
+    """A directory for :func:`hanging_program`; whatever of it still runs after the test (it
+    failed) is killed."""
+    yield tmp_path
+    for name in PIDS:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((tmp_path / name).read_text())
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def start_cli(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiohotload",
+        *args,
+        cwd=ROOT,
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def helper_running(directory: Path) -> None:
+    """Wait until the program, its helper and the helper's sleep all run."""
+    await wait_for(
+        lambda: survivors(directory),
+        lambda running: len(running) == len(PIDS),
+        timeout=30,
+        what="the program, its helper and the sleep to run",
+        ignore=(FileNotFoundError, ValueError),  # not written yet, or half
+    )
+
+
+async def stopped_by(proc: asyncio.subprocess.Process, signum: signal.Signals) -> str:
+    """Send *signum* and wait for the command to exit; its standard error."""
+    proc.send_signal(signum)
+    try:
+        with anyio.fail_after(30):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return err.decode()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_watch_stopped_by_a_signal_kills_the_running_program_and_its_helper(
+    programs: Path, signum: signal.Signals, code: int
+) -> None:
+    program = hanging_program(programs)
+    proc = await start_cli("watch", f"exec://postgres{program}?interval=50ms")
+    assert proc.stdout is not None
+    with anyio.fail_after(30):
+        assert " current " in (await proc.stdout.readline()).decode()
+    await helper_running(programs)  # a later run is in progress, its helper started
+    err = await stopped_by(proc, signum)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    # Fails on main: SIGTERM ended the command at once, the program and helper lived on.
+    assert survivors(programs) == []
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_check_stopped_by_a_signal_kills_the_running_program_and_its_helper(
+    programs: Path, signum: signal.Signals, code: int
+) -> None:
+    program = hanging_program(programs, at_once=True)
+    proc = await start_cli("check", f"exec://postgres{program}?timeout=300s", "--wait", "300")
+    await helper_running(programs)
+    err = await stopped_by(proc, signum)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert survivors(programs) == []
+
+
+async def test_check_wait_cuts_an_attempt_short_at_its_deadline(programs: Path) -> None:
+    # The program never answers and connect_timeout is far off: only --wait can end it.
+    program = hanging_program(programs, at_once=True)
+    url = f"exec://postgres{program}?timeout=300s&connect_timeout=300"
+    result = await asyncio.to_thread(run_aiohotload, "check", url, "--wait", "1", timeout=60)
+    assert result.returncode == 1, result.stderr
+    # Fails on main: the attempt ran until connect_timeout.
+    assert "cannot connect within --wait 1s (the attempt was cut short)" in result.stderr
+    assert survivors(programs) == []
+
+
+async def test_check_wait_retries_until_the_server_answers(
+    pg_a: PgServer, role: RoleFactory, tmp_path: Path
+) -> None:
+    user, password = await role(pg_a)
+    path = tmp_path / "dsn"
+    write_dsn(path, pg_a.dsn(user, password + "-not-yet"))
+    proc = await start_cli("check", url_of(path), "--wait", "60")
+    assert proc.stderr is not None
+    with anyio.fail_after(30):
+        first = (await proc.stderr.readline()).decode()
+    assert first.startswith("not yet: "), first
+    write_dsn(path, pg_a.dsn(user, password))  # the secret lands: the next attempt works
+    with anyio.fail_after(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "ok: connected to" in out.decode()
+    assert_no_password(first + out.decode() + err.decode(), password)

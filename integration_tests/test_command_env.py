@@ -132,13 +132,14 @@ async def test_exec_failing_program_keeps_the_pool_serving(
     user, password = user_ab
     dsn_file = tmp_path / "dsn"
     write(dsn_file, pg_a.dsn(user, password))
-    # A failing helper that echoes the DSN it could not refresh: the warning must not.
+    # A failing helper that echoes the DSN it could not refresh: the warning, shown as asked,
+    # must not.
     program = script(
         tmp_path,
         'if [ -e "$DIR/fail" ]; then echo "refresh failed for $(cat "$DIR/dsn")" >&2; exit 1; fi\n'
         'cat "$DIR/dsn"',
     )
-    url = exec_url(program, interval="100ms")
+    url = exec_url(program, interval="100ms", show_stderr="true")
     async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool:
         (tmp_path / "fail").touch()
         logger = "aiohotload.strategies.command"
@@ -191,13 +192,20 @@ def helpers(directory: Path) -> list[int]:
     return found
 
 
-async def test_exec_start_failure_fails_create_pool(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "stderr"),
+    [
+        ({}, "1 line, not shown (may hold secrets; show_stderr=true shows them)"),
+        ({"show_stderr": "true"}, "vault: permission denied"),
+    ],
+)
+async def test_exec_start_failure_fails_create_pool(
+    tmp_path: Path, options: dict[str, str], stderr: str
+) -> None:
     program = script(tmp_path, "echo 'vault: permission denied' >&2; exit 2")
     with pytest.raises(SourceError) as info:
-        await aiohotload.create_pool(exec_url(program))
-    assert str(info.value) == (
-        f"command {str(program)!r} exited with status 2; stderr: vault: permission denied"
-    )
+        await aiohotload.create_pool(exec_url(program, **options))
+    assert str(info.value) == f"command {str(program)!r} exited with status 2; stderr: {stderr}"
 
 
 # ---------------------------------------------------------------------------- env

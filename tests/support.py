@@ -111,8 +111,9 @@ class FakePool:
 
 
 class FakeDriver:
-    """Opens :class:`FakePool` s: a DSN starting with ``bad`` fails, one starting with
-    ``slow`` waits for ``release_slow``, one in ``fail_times`` fails that many times first."""
+    """Opens :class:`FakePool` s: a DSN starting with ``bad`` (or naming a host starting with
+    ``bad``) fails, one starting with ``slow`` waits for ``release_slow``, one in
+    ``fail_times`` fails that many times first."""
 
     def __init__(self) -> None:
         self.opened: list[FakePool] = []
@@ -124,7 +125,7 @@ class FakeDriver:
 
     async def __call__(self, dsn: str, **kwargs: Any) -> FakePool:
         self.attempts.append(dsn)
-        if dsn.startswith("bad"):
+        if dsn.startswith("bad") or "@bad" in dsn or "//bad" in dsn:
             raise ConnectionRefusedError(f"cannot reach {dsn}")
         if self.fail_times.get(dsn, 0) > 0:
             self.fail_times[dsn] -= 1

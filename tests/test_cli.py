@@ -43,7 +43,7 @@ def assert_no_password(text: str) -> None:
 def test_help_lists_commands_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for text in ("watch", "check", "demo", "exit codes:", "130", "interrupted"):
+    for text in ("watch", "check", "demo", "exit codes:", "130", "interrupted", "143"):
         assert text in out
     assert cli.main(["check", "--help"]) == 0
     assert "--wait" in capsys.readouterr().out

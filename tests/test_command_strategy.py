@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
 
 from aiohotload.errors import InvalidOptionError, InvalidURLError, SourceError
-from aiohotload.strategies import Strategy, command, get_strategy
+from aiohotload.redact import REDACTED
+from aiohotload.strategies import Feedback, Strategy, command, get_strategy
 from aiohotload.strategies.command import ExecStrategy
+from tests.leaks import assert_no_piece_of, leaked
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="uses /bin/sh scripts and /proc"
@@ -219,7 +227,7 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("failure", FAILURES)
-async def test_a_failed_run_keeps_the_value_and_warns_with_redacted_stderr(
+async def test_a_failed_run_keeps_the_value_and_warns_with_scrubbed_stderr_if_asked(
     tmp_path: Path, dsn_file: Path, log: pytest.LogCaptureFixture, failure: str
 ) -> None:
     action, expected = FAILURES[failure]
@@ -236,7 +244,7 @@ fi
 cat "$DIR/dsn"
 """,
     )
-    gen = watch(program, interval="20ms", timeout="500ms")
+    gen = watch(program, interval="20ms", timeout="500ms", show_stderr="true")
     try:
         assert await anext(gen) == OLD
         (tmp_path / "fail").touch()
@@ -269,7 +277,7 @@ async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
         await first(program, timeout="300ms")
     assert str(info.value) == (
         f"command {str(program)!r} did not finish within 0.3s (timeout) and was killed; "
-        "stderr: waiting"
+        "stderr: 1 line, not shown (may hold secrets; show_stderr=true shows them)"
     )
     assert reaped(int((tmp_path / "pid").read_text()))  # waited for before the error
     assert not our_zombies()
@@ -322,8 +330,8 @@ def _start_failures(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return {
         "non-zero exit": (
             script(tmp_path, f"{stderr}; exit 2", "exit.sh"),
-            "exited with status 2; stderr: cannot log in with "
-            "postgresql://app:********@db:5432/app | password=********",
+            "exited with status 2; stderr: 2 lines, not shown (may hold secrets; "
+            "show_stderr=true shows them)",
         ),
         "empty output": (script(tmp_path, "echo '  '", "empty.sh"), "printed no DSN"),
         "too much output": (
@@ -372,7 +380,7 @@ async def test_long_stderr_is_cut_to_its_scrubbed_end(tmp_path: Path) -> None:
         f"echo 'FATAL: cannot log in with {OLD}' >&2; exit 1",
     )
     with pytest.raises(SourceError) as info:
-        await first(program)
+        await first(program, show_stderr="true")
     message = str(info.value)
     note = message.split("; stderr: ", 1)[1]
     assert note.startswith("...xxx")
@@ -386,7 +394,11 @@ async def test_long_stderr_is_cut_to_its_scrubbed_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"nope": "1"}, "unknown option 'nope' for the exec strategy; known: args, interval"),
+        (
+            {"nope": "1"},
+            "unknown option 'nope' for the exec strategy; known: args, interval, show_stderr",
+        ),
+        ({"show_stderr": "maybe"}, "option 'show_stderr' must be a boolean"),
         ({"interval": "soon"}, "option 'interval' must be a duration > 0"),
         ({"interval": "0"}, "option 'interval' must be a duration > 0"),
         ({"timeout": "-1s"}, "option 'timeout' must be a duration > 0"),
@@ -418,3 +430,162 @@ async def test_the_program_inherits_the_environment(
     program = script(tmp_path, 'echo "$AIOHOTLOAD_TEST_TOKEN"')
     assert await first(program) == "postgresql://from-env/db"
     assert os.environ["AIOHOTLOAD_TEST_TOKEN"]  # not consumed or altered
+
+
+# ---------------------------------------------------------------------------- stderr secrecy
+
+FRESH = "Fr3sh-Pw-9q"
+# How helpers leak a fresh password on standard error: shell traces (set -x), env dumps,
+# JSON and YAML, command-line flags, the DSN itself.
+LEAKY_STDERR = f"""set -x
+PGPASSWORD={FRESH} true
+DB_PASSWORD='{FRESH}'
+export DB_PASSWORD
+echo '{{"username": "app", "password": "{FRESH}"}}' >&2
+echo 'password: {FRESH}' >&2
+echo 'psql --password {FRESH} -h db' >&2
+echo 'postgresql://app:{FRESH}@db/app' >&2
+echo "login as app with {FRESH} refused" >&2
+exit 1"""
+
+
+@pytest.mark.parametrize("show", [False, True])
+async def test_stderr_never_shows_a_fresh_password(tmp_path: Path, show: bool) -> None:
+    # The run fails, so FRESH is known only from stderr (except in the last, bare line,
+    # which only the default hides: no pattern can tell it is a password).
+    program = script(tmp_path, LEAKY_STDERR.replace(f"with {FRESH}", "with a password"))
+    options = {"show_stderr": "true"} if show else {}
+    with pytest.raises(SourceError) as info:
+        await first(program, **options)
+    message = str(info.value)
+    assert_no_piece_of(FRESH, message)
+    if show:
+        assert "+ PGPASSWORD=******** true" in message
+        assert "login as app with a password refused" in message
+    else:
+        assert re.search(
+            r"exited with status 1; stderr: \d+ lines, not shown \(may hold secrets; "
+            r"show_stderr=true shows them\)$",
+            message,
+        )
+
+
+async def test_a_later_failure_hides_the_current_password_even_in_part(
+    tmp_path: Path, dsn_file: Path, log: pytest.LogCaptureFixture
+) -> None:
+    # A helper quoting a piece of the password in use, in a bare word: only the pieces
+    # tell it apart.
+    program = script(
+        tmp_path,
+        'if [ -e "$DIR/fail" ]; then echo "bad token old-pw (from old-pw-1x)" >&2; exit 1; fi\n'
+        'cat "$DIR/dsn"',
+    )
+    gen = watch(program, interval="20ms", show_stderr="true")
+    try:
+        assert await anext(gen) == OLD
+        following = asyncio.ensure_future(anext(gen))
+        (tmp_path / "fail").touch()
+        await until(lambda: bool(warnings(log)), "a warning")
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
+    finally:
+        await gen.aclose()
+    (warning,) = warnings(log)
+    assert "bad token" in warning
+    assert_no_piece_of("old-pw-1", warning)
+
+
+_LEAK_SHAPES = [
+    "PGPASSWORD={sh}",
+    "+ PGPASSWORD={sh} psql -h db",
+    "+ export {sh_assign}",
+    "DB_PASSWORD={sh}",
+    '{{"username": "app", "password": {js}}}',
+    "password: {yaml}",
+    "psql --password {sh} -h db",
+    "+ psql postgresql://app:{enc}@db/app",
+    "could not log in as app with {pw} (current DSN)",
+]
+
+
+@given(
+    pw=st.text(
+        alphabet=st.one_of(
+            st.characters(exclude_categories=["Cs"]), st.sampled_from([*"'\"\\ $=:@/?#&{}"])
+        ),
+        min_size=4,
+        max_size=20,
+    ),
+    shape=st.sampled_from(_LEAK_SHAPES),
+)
+@example(pw="it's a pw", shape="+ export {sh_assign}")
+@example(pw='x"y\\z w', shape='{{"username": "app", "password": {js}}}')
+def test_scrubbed_stderr_holds_no_piece_of_a_password(pw: str, shape: str) -> None:
+    line = shape.format(
+        pw=pw,
+        sh=shlex.quote(pw),
+        sh_assign=shlex.quote(f"DB_PASSWORD={pw}"),
+        js=json.dumps(pw),
+        yaml=json.dumps(pw) if pw != pw.strip() or set(pw) & set("\n\r\"'#:") else pw,
+        enc=quote(pw, safe=""),
+    )
+    fixed = f"noise before\n{shape}\nnoise after"
+    assume(not leaked(pw, fixed + REDACTED))
+    known = f"postgresql://app:{quote(pw, safe='')}@db/app"  # the DSN in use holds it
+    err = f"noise before\n{line}\nnoise after".encode()
+    shown = command._scrubbed_tail(err, b"", known)
+    assert_no_piece_of(pw, shown)
+    assert shown.startswith("noise before | ")
+
+
+# ---------------------------------------------------------------------------- refresh
+
+
+async def test_a_refresh_runs_the_program_at_once(tmp_path: Path, dsn_file: Path) -> None:
+    program = script(tmp_path, 'echo run >> "$DIR/runs"; cat "$DIR/dsn"')
+    feedback = Feedback()
+    gen = ExecStrategy().watch(str(program), {"interval": "1h"}, feedback=feedback)
+    try:
+        assert await anext(gen) == OLD
+        dsn_file.write_text(NEW)
+        feedback.request_refresh()  # an hour early
+        with anyio.fail_after(10):
+            assert await anext(gen) == NEW
+    finally:
+        await gen.aclose()
+    assert runs(tmp_path) == 2
+
+
+async def test_refreshes_run_the_program_at_most_once_a_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(command, "_REFRESH_FLOOR", 0.3)
+    started: list[float] = []
+    start = command._start
+
+    async def recorded(program: str, args: tuple[str, ...]) -> asyncio.subprocess.Process:
+        started.append(time.monotonic())  # when the run began, as the strategy counts it
+        return await start(program, args)
+
+    monkeypatch.setattr(command, "_start", recorded)
+    program = script(tmp_path, "echo postgresql://app:pw@db/app")
+    feedback = Feedback()
+    gen = ExecStrategy().watch(str(program), {"interval": "1h"}, feedback=feedback)
+    following = None
+    try:
+        assert await anext(gen) == "postgresql://app:pw@db/app"
+        following = asyncio.ensure_future(anext(gen))  # runs go on while it waits
+        # A refused login on every connection attempt: refreshes asked for all the time.
+        with anyio.fail_after(20):
+            while len(started) < 4:
+                feedback.request_refresh()
+                await asyncio.sleep(0.005)
+    finally:
+        if following is not None:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
+        await gen.aclose()
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert min(gaps) >= 0.3 - 0.01, gaps

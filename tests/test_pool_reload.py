@@ -102,10 +102,10 @@ async def test_strategy_errors_reach_create_pool(
     # The first DSN's error is raised as the driver raised it (code catching asyncpg's
     # errors at startup keeps working); the pool's last_error names the target.
     pool = aiohotload.create_pool("queue://fake/x")
-    await strategy.queue.put("bad://x")
+    await strategy.queue.put("postgresql://badhost/db")
     with pytest.raises(ConnectionRefusedError, match="cannot reach"):
         await asyncio.wait_for(pool, timeout=5)
-    assert "could not open a pool on bad://x" in str(pool.last_error)
+    assert "could not open a pool on postgresql://badhost/db" in str(pool.last_error)
     # Unless its text would show the password: then a DriverError, redacted.
     pool = aiohotload.create_pool("queue://fake/x")
     await strategy.queue.put("bad://u:s3cret@h/db")

@@ -5,6 +5,10 @@
 the pattern of AWS ``credential_process`` helpers and ``vault read`` wrappers. Output that is
 a JSON object of the AWS shape (``host``, ``port``, ``username``, ``password``, ``dbname``)
 is turned into a DSN.
+
+The program's standard error is treated as secret-bearing: a helper run with ``set -x``
+prints the fresh password there, under any name. By default only how much it wrote is said;
+``show_stderr=true`` shows its end, scrubbed of every password that can be recognised.
 """
 
 from __future__ import annotations
@@ -14,24 +18,25 @@ import contextlib
 import logging
 import os
 import random
-import re
 import shlex
 import signal
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 import anyio
 
 from ..errors import InvalidOptionError, InvalidURLError, SourceError
-from ..redact import REDACTED, redact_dsn, redact_text, secrets_of
-from ..url import _shorten, parse_duration
+from ..redact import redact_dsn, redact_text, secrets_of
+from ..url import _shorten, parse_bool, parse_duration
 from ._secret import SecretFormatError, dsn_from_secret, passwords_in_secret
+from .feedback import Feedback
 
 __all__ = ["ExecStrategy"]
 
 logger = logging.getLogger(__name__)
 
-_KNOWN_OPTIONS = "args, interval, timeout"
+_KNOWN_OPTIONS = "args, interval, show_stderr, timeout"
 # A DSN is short; the cap stops a chatty program from filling memory.
 _MAX_OUTPUT = 64 * 1024
 # How much of the (redacted) standard error goes into a warning or an error.
@@ -41,9 +46,9 @@ _MAX_STDERR_SHOWN = 500
 _JITTER = 0.1
 # Bounds the wait for a killed process to be reaped, so a cancelled pool still closes.
 _REAP_TIMEOUT = 5.0
-# The password of a URL DSN in free text (redact_text finds key=value and query passwords
-# only): up to the last '@' of the word, since an unescaped password may itself hold '@'.
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#@:]*:)\S*@")
+# A refresh the pool asks for (a refused login) runs the program at once, but never sooner
+# than this after the previous run began: a wrong password must not become a storm of runs.
+_REFRESH_FLOOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class _Options:
     interval: float = 30.0
     timeout: float = 10.0
     args: tuple[str, ...] = ()
+    show_stderr: bool = False
 
 
 class ExecStrategy:
@@ -62,13 +68,18 @@ class ExecStrategy:
     - ``timeout`` (default 10 s): longest a run may take; its process group is then killed.
     - ``args``: the program's arguments as one string, split like a shell would (no shell
       runs); percent-encode it in the URL (a space is ``%20``).
+    - ``show_stderr`` (default false): on a failed run, show the end of the program's
+      standard error, scrubbed, rather than only how many lines it wrote.
 
     The program inherits the environment, and its standard output, stripped, is the DSN. A
-    failed run (non-zero exit, timeout, empty output) keeps the current DSN and logs a warning
-    with the tail of its standard error, passwords scrubbed.
+    failed run (non-zero exit, timeout, empty output) keeps the current DSN and logs a
+    warning. When the pool asks for a refresh (a refused login), the program runs at once,
+    but at most once a second.
     """
 
-    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncGenerator[str, None]:
+    async def watch(
+        self, path: str, options: Mapping[str, str], *, feedback: Feedback | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the DSN the program at *path* prints, then each new one, until closed.
 
         Raises :class:`~aiohotload.InvalidOptionError`, :class:`~aiohotload.InvalidURLError`
@@ -76,6 +87,7 @@ class ExecStrategy:
         """
         opts = _parse_options(options)
         program = _program(path)
+        started = time.monotonic()
         try:
             current = await _run(program, opts, known="")
         except _RunError as exc:
@@ -85,7 +97,9 @@ class ExecStrategy:
 
         last_failure: str | None = None
         while True:
-            await anyio.sleep(opts.interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+            due = time.monotonic() + opts.interval * random.uniform(1 - _JITTER, 1 + _JITTER)
+            await _wait(program, due, started, feedback)
+            started = time.monotonic()
             try:
                 value = await _run(program, opts, known=current)
             except _RunError as exc:
@@ -106,6 +120,19 @@ class ExecStrategy:
             yield current
 
 
+async def _wait(program: str, due: float, started: float, feedback: Feedback | None) -> None:
+    """Sleep until *due* (``time.monotonic()``), or less if the pool asks for a refresh: then
+    until ``_REFRESH_FLOOR`` after *started*, when the last run began."""
+    while (remaining := due - time.monotonic()) > 0:
+        if feedback is None:
+            await anyio.sleep(remaining)
+            return
+        news = await feedback.wait(remaining)
+        if news.refresh and due > started + _REFRESH_FLOOR:
+            due = started + _REFRESH_FLOOR
+            logger.debug("refresh asked for: running command %s now", program)
+
+
 class _RunError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -113,24 +140,35 @@ class _RunError(Exception):
 
 
 class _Capture:
-    """The first (or, with *tail*, the last) *limit* bytes a stream gave. Everything is read,
-    so the program never blocks on a full pipe; the rest is dropped."""
+    """The first (or, with *tail*, the last) *limit* bytes a stream gave, and how many lines
+    it had. Everything is read, so the program never blocks on a full pipe; the rest is
+    dropped."""
 
     def __init__(self, limit: int, *, tail: bool = False) -> None:
         self.limit = limit
         self.tail = tail
         self.data = bytearray()
         self.size = 0
+        self.newlines = 0
+        self.blank = True  # nothing but whitespace so far
+        self.last = b"\n"
 
     async def drain(self, stream: asyncio.StreamReader | None) -> None:
         if stream is None:
             return
         while chunk := await stream.read(_MAX_OUTPUT):
             self.size += len(chunk)
+            self.newlines += chunk.count(b"\n")
+            self.blank = self.blank and not chunk.strip()
+            self.last = chunk[-1:]
             if self.tail:
                 self.data = (self.data + chunk)[-self.limit :]
             else:
                 self.data += chunk[: max(0, self.limit - len(self.data))]
+
+    @property
+    def lines(self) -> int:
+        return self.newlines + (self.last != b"\n")
 
     @property
     def overflowed(self) -> bool:
@@ -161,7 +199,7 @@ async def _run(program: str, opts: _Options, *, known: str) -> str:
         reaped = True
     except TimeoutError:
         reason = f"did not finish within {opts.timeout:g}s (timeout) and was killed"
-        raise _RunError(reason + _stderr_note(err, out, known)) from None
+        raise _RunError(reason + _stderr_note(err, out, known, opts)) from None
     finally:
         if not reaped:
             # Timed out or cancelled: nothing it started may outlive the run.
@@ -172,7 +210,7 @@ async def _run(program: str, opts: _Options, *, known: str) -> str:
             status = f"was killed by signal {_signal_name(-code)}"
         else:
             status = f"exited with status {code}"
-        raise _RunError(status + _stderr_note(err, out, known))
+        raise _RunError(status + _stderr_note(err, out, known, opts))
     if out.overflowed:
         raise _RunError(f"printed more than {_MAX_OUTPUT} bytes")
     try:
@@ -180,27 +218,42 @@ async def _run(program: str, opts: _Options, *, known: str) -> str:
     except UnicodeDecodeError:
         raise _RunError("printed output that is not valid UTF-8") from None
     if not text.strip():
-        raise _RunError("printed no DSN" + _stderr_note(err, out, known))
+        raise _RunError("printed no DSN" + _stderr_note(err, out, known, opts))
     try:
         return dsn_from_secret(text)
     except SecretFormatError as exc:
         raise _RunError(f"printed output that {exc.reason}") from None
 
 
-def _stderr_note(err: _Capture, out: _Capture, known: str) -> str:
-    """'; stderr: ...' with the end of the program's error output, passwords scrubbed."""
-    text = err.data.decode("utf-8", "replace")
-    if not text.strip():
+def _stderr_note(err: _Capture, out: _Capture, known: str, opts: _Options) -> str:
+    """'; stderr: ...' about the program's error output: how many lines it wrote or, with
+    ``show_stderr``, its end with passwords scrubbed.
+
+    Scrubbing runs on the event loop: it is linear in what was kept of each stream (at most
+    64 KiB), a few milliseconds at worst. A worker thread stalled the loop longer, the work
+    holding the interpreter lock (``benchmarks/redaction.py`` measures the stall).
+    """
+    if err.blank:
         return ""
-    printed = out.data.decode("utf-8", "replace")
+    if not opts.show_stderr:
+        lines = "1 line" if err.lines == 1 else f"{err.lines} lines"
+        return f"; stderr: {lines}, not shown (may hold secrets; show_stderr=true shows them)"
+    return "; stderr: " + _scrubbed_tail(bytes(err.data), bytes(out.data), known)
+
+
+def _scrubbed_tail(err: bytes, out: bytes, known: str) -> str:
+    """The end of the error output *err*, one line, every password found scrubbed: those of
+    the current DSN *known* and of what the program printed (*out*), in whole or in part,
+    and anything shaped like one. Linear in the sizes."""
+    text = err.decode("utf-8", "replace")
+    printed = out.decode("utf-8", "replace")
     secrets = (*secrets_of(known), *secrets_of(printed), *passwords_in_secret(printed))
     # Scrubbed before it is cut, so a cut cannot split a password from what marks it.
-    scrubbed = _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", redact_text(text, secrets))
-    lines = [line.strip() for line in scrubbed.splitlines() if line.strip()]
-    shown = " | ".join(lines)
+    scrubbed = redact_text(text, secrets, pieces=True)
+    shown = " | ".join(line.strip() for line in scrubbed.splitlines() if line.strip())
     if len(shown) > _MAX_STDERR_SHOWN:
         shown = "..." + shown[-(_MAX_STDERR_SHOWN - 3) :]
-    return f"; stderr: {shown}"
+    return shown
 
 
 async def _start(program: str, args: tuple[str, ...]) -> asyncio.subprocess.Process:
@@ -259,8 +312,11 @@ def _program(path: str) -> str:
 def _parse_options(options: Mapping[str, str]) -> _Options:
     defaults = _Options()
     interval, timeout, args = defaults.interval, defaults.timeout, defaults.args
+    show_stderr = defaults.show_stderr
     for name, value in options.items():
-        if name == "interval":
+        if name == "show_stderr":
+            show_stderr = parse_bool(name, value)
+        elif name == "interval":
             interval = parse_duration(name, value, allow_zero=False)
         elif name == "timeout":
             timeout = parse_duration(name, value, allow_zero=False)
@@ -276,4 +332,4 @@ def _parse_options(options: Mapping[str, str]) -> _Options:
             raise InvalidOptionError(
                 f"unknown option {_shorten(name)!r} for the exec strategy; known: {_KNOWN_OPTIONS}"
             )
-    return _Options(interval=interval, timeout=timeout, args=args)
+    return _Options(interval=interval, timeout=timeout, args=args, show_stderr=show_stderr)
