@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohotload  # noqa: E402
 from aiohotload import HotPool  # noqa: E402
-from aiohotload._pgserver import PgServer, PgTemplate, start_all  # noqa: E402
+from aiohotload.testing import PgServer, PgTemplate, start_all  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
