@@ -18,14 +18,11 @@ import anyio
 import pytest
 
 import aiohotload
-from aiohotload import HotPool
 from aiohotload.strategies import register_strategy, unregister_strategy
 from aiohotload.strategies.etcd import EtcdStrategy
+from aiohotload.testing import PgServer, RoleFactory, hostile_password, port_of, wait_until
 
-from .conftest import RoleFactory, hostile_password
 from .etcd_server import EtcdServer, TcpProxy, find_etcd, make_tls_files
-from .pgserver import PgServer
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,12 +113,6 @@ def url_for(key: str, endpoints: str, **options: str) -> str:
     return f"etcd://postgres/{key}?{query}"
 
 
-async def port_of(pool: HotPool) -> int:
-    port = await pool.fetchval("SELECT inet_server_port()")
-    assert isinstance(port, int)
-    return port
-
-
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == LOGGER and text in r.getMessage()]
 
@@ -177,7 +168,7 @@ async def test_follows_the_key_across_an_etcd_restart(
         await server.put(key, targets.b)
         assert await pool.wait_for_swap(timeout=10) == 1
         await asyncio.to_thread(server.stop)
-        await wait_for(lambda: logged(caplog, "lost the watch"), timeout=10)
+        await wait_until(lambda: logged(caplog, "lost the watch"), timeout=10)
         await asyncio.to_thread(server.start)
         await server.put(key, targets.a_kv)
         assert await pool.wait_for_swap(timeout=15) == 2
@@ -195,9 +186,9 @@ async def test_deleted_key_keeps_the_pool_until_recreated(
     await etcd.put(key, targets.a)
     async with aiohotload.create_pool(url_for(key, etcd.endpoint), min_size=1, max_size=2) as pool:
         await etcd.delete(key)
-        await wait_for(lambda: logged(caplog, "was deleted"), timeout=10)
+        await wait_until(lambda: logged(caplog, "was deleted"), timeout=10)
         await etcd.put(key, "  \n")
-        await wait_for(lambda: logged(caplog, "is empty"), timeout=10)
+        await wait_until(lambda: logged(caplog, "is empty"), timeout=10)
         assert await port_of(pool) == targets.port_a
         assert pool.generation == 0
         await etcd.put(key, targets.b)
@@ -214,9 +205,9 @@ async def test_compaction_while_disconnected_rereads_the_key(
     try:
         assert await next_value(gen) == "postgresql://u@db1/app"
         pending = asyncio.ensure_future(next_value(gen))
-        await wait_for(lambda: logged(caplog, "watch created"), timeout=10)
+        await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
         proxy.cut()
-        await wait_for(lambda: logged(caplog, "lost the watch"), timeout=10)
+        await wait_until(lambda: logged(caplog, "lost the watch"), timeout=10)
         # Changes the watcher cannot see, then the history it would resume from is dropped.
         for n in (2, 3, 4):
             await etcd.put(key, f"postgresql://u@db{n}/app")
@@ -240,7 +231,7 @@ async def test_moves_to_the_next_endpoint_when_one_fails(
     try:
         assert await next_value(gen) == "postgresql://u@db1/app"
         pending = asyncio.ensure_future(next_value(gen))
-        await wait_for(lambda: logged(caplog, "watch created"), timeout=10)
+        await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
         proxy.cut()
         await etcd.put(key, "postgresql://u@db2/app")
         assert await pending == "postgresql://u@db2/app"
@@ -265,11 +256,11 @@ async def test_member_without_a_leader_is_left_and_watched_again(
         try:
             assert await next_value(gen) == "postgresql://u@db1/app"
             pending = asyncio.ensure_future(next_value(gen, timeout=30))
-            await wait_for(lambda: logged(caplog, "watch created"), timeout=10)
+            await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
             # Without a quorum the member has no leader: a watch on it would silently stall.
             for member in others:
                 member.kill()
-            await wait_for(lambda: logged(caplog, "no leader"), timeout=10)
+            await wait_until(lambda: logged(caplog, "no leader"), timeout=10)
             for member in others:
                 member.launch()
             # One of them is enough for a quorum again; the other may take seconds to catch up.
