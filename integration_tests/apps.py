@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -15,20 +14,13 @@ from pathlib import Path
 
 import httpx
 
-from .util import wait_for
+from aiohotload.testing import free_port, wait_until
 
-__all__ = ["ROOT", "Uvicorn", "exited_cleanly", "run_aiohotload", "uvicorn", "write_dsn"]
+__all__ = ["ROOT", "Uvicorn", "exited_cleanly", "run_aiohotload", "uvicorn"]
 
 #: The repository: app modules are given as ``examples.fastapi_app:app`` relative to it.
 ROOT = Path(__file__).resolve().parent.parent
 _PORT_ATTEMPTS = 5
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    """Replace the DSN file atomically, as config tools do."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn + "\n")
-    os.replace(tmp, path)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -44,13 +36,6 @@ def exited_cleanly(returncode: int | None, sig: signal.Signals) -> bool:
     signal, which uvicorn (>= 0.29) re-raises after its graceful shutdown, as a process
     that handled the signal should."""
     return returncode in (0, -sig)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class _Exited(Exception):
@@ -93,7 +78,7 @@ class Uvicorn:
                 return await client.get(self.url + ready_path)
 
             try:
-                await wait_for(
+                await wait_until(
                     probe,
                     lambda r: r.status_code == 200,
                     timeout=30,
@@ -112,7 +97,7 @@ class Uvicorn:
         raise AssertionError(f"no free port after {_PORT_ATTEMPTS} attempts:\n{self.output}")
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self.port = _free_port()
+        self.port = free_port()
         argv = [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1"]
         argv += ["--port", str(self.port), "--no-access-log"]
         with self.log.open("ab") as log:

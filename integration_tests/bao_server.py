@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from aiohotload._pgserver import PgServer
+from aiohotload.testing import PgServer
 
 __all__ = ["BaoServer", "BaoServerError", "find_bao"]
 

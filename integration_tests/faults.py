@@ -1,21 +1,18 @@
-"""Helpers shared by the fault-injection tests: DSN files, event logs, background load."""
+"""Helpers shared by the fault-injection tests: event logs, background load, log watching."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import asyncpg
 
 from aiohotload import Event, HotPool
-
-from .util import wait_for
+from aiohotload.testing import wait_until
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -23,9 +20,6 @@ __all__ = [
     "Load",
     "LogWatch",
     "no_new_tasks",
-    "port_of",
-    "url_for",
-    "write_dsn",
 ]
 
 E = TypeVar("E", bound=Event)
@@ -55,27 +49,7 @@ async def no_new_tasks(before: set[asyncio.Task[Any]], *, timeout: float = 5.0) 
             if not t.get_name().startswith("tcpproxy:")
         }
 
-    await wait_for(left, lambda tasks: not tasks, timeout=timeout, what="no task left")
-
-
-def write_dsn(path: Path, dsn: str) -> None:
-    """Replace the DSN file atomically, as config tools do."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dsn + "\n")
-    os.replace(tmp, path)
-
-
-def url_for(path: Path, **options: str) -> str:
-    """``watchfiles://postgres<path>?options``."""
-    query = "&".join(f"{k}={v}" for k, v in options.items())
-    return f"watchfiles://postgres{path}" + (f"?{query}" if query else "")
-
-
-async def port_of(pool: HotPool) -> int:
-    """The port of the server that serves the pool's next query."""
-    port = await pool.fetchval("SELECT inet_server_port()")
-    assert isinstance(port, int)
-    return port
+    await wait_until(left, lambda tasks: not tasks, timeout=timeout, what="no task left")
 
 
 class EventLog:
@@ -91,7 +65,7 @@ class EventLog:
 
     async def wait(self, kind: type[E], count: int = 1, *, timeout: float = 10.0) -> list[E]:
         """Wait until at least *count* events of *kind* happened; returns them all."""
-        return await wait_for(
+        return await wait_until(
             lambda: self.of(kind),
             lambda found: len(found) >= count,
             timeout=timeout,
@@ -145,7 +119,7 @@ class Load:
     async def progress(self, n: int = 20, *, timeout: float = 10.0) -> None:
         """Wait until *n* more queries succeeded."""
         target = self.ok + n
-        await wait_for(lambda: self.ok >= target, timeout=timeout, what=f"{n} more queries")
+        await wait_until(lambda: self.ok >= target, timeout=timeout, what=f"{n} more queries")
 
     async def __aenter__(self) -> Load:
         self._tasks = [asyncio.ensure_future(self._run()) for _ in range(self.workers)]
@@ -187,7 +161,7 @@ class LogWatch(logging.Handler):
                     return message
             return None
 
-        message = await wait_for(found, timeout=timeout, what=f"a log message with {words}")
+        message = await wait_until(found, timeout=timeout, what=f"a log message with {words}")
         assert message is not None
         return message
 

@@ -16,10 +16,7 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool
-
-from .faults import port_of, url_for, write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, port_of, wait_until, watch_url, write_dsn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,7 +42,7 @@ async def test_is_an_asyncpg_pool(pg_a: PgServer, role: RoleFactory, dsn_file: P
         assert isinstance(value, int)
         return value
 
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1) as pool:
         assert isinstance(pool, asyncpg.Pool)
         assert await typed_for_asyncpg(pool) == 1
 
@@ -71,15 +68,15 @@ def test_terminate_from_synchronous_code_outside_the_loop(
         user, password = loop.run_until_complete(pg_a.create_role(f"sync_{os.getpid()}", "pw1"))
         write_dsn(dsn_file, pg_a.dsn(user, password))
         pool = loop.run_until_complete(
-            aiohotload.create_pool(url_for(dsn_file), min_size=2).__aenter__()
+            aiohotload.create_pool(watch_url(dsn_file), min_size=2).__aenter__()
         )
         assert loop.run_until_complete(backends(pg_a, user)) == 2
         pool.terminate()  # no running loop here
         assert pool.is_closing()
 
         async def settle() -> None:
-            await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
-            await wait_for(
+            await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+            await wait_until(
                 lambda: asyncio.all_tasks() - {asyncio.current_task()},
                 lambda left: not left,
                 timeout=10,
@@ -99,14 +96,14 @@ async def test_sizes_are_the_configured_ones_before_init_and_after_close(
 ) -> None:
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    pool = aiohotload.create_pool(url_for(dsn_file), min_size=2, max_size=7)
+    pool = aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=7)
     assert (pool.get_min_size(), pool.get_max_size(), pool.get_init_size()) == (2, 7, 2)
     await pool
     assert (pool.get_min_size(), pool.get_max_size(), pool.get_init_size()) == (2, 7, 2)
     await pool.close()
     assert (pool.get_min_size(), pool.get_max_size(), pool.get_init_size()) == (2, 7, 2)
     assert pool.get_size() == 0 and pool.get_idle_size() == 0
-    default = aiohotload.create_pool(url_for(dsn_file))
+    default = aiohotload.create_pool(watch_url(dsn_file))
     assert (default.get_min_size(), default.get_max_size(), default.get_init_size()) == (
         10,
         10,
@@ -120,7 +117,7 @@ async def test_set_connect_args_applies_to_this_and_every_later_generation(
     user, password = await role(pg_a)
     await role(pg_b, name=user, password=password)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
         pool.set_connect_args(server_settings={"application_name": "after-set"})
         await pool.expire_connections()  # as with asyncpg: existing connections keep theirs
         assert await pool.fetchval("SHOW application_name") == "after-set"
@@ -139,23 +136,23 @@ async def test_first_open_errors_are_asyncpgs_own(
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password, database="no_such_db"))
     with pytest.raises(asyncpg.InvalidCatalogNameError):
-        await aiohotload.create_pool(url_for(dsn_file), min_size=1)
+        await aiohotload.create_pool(watch_url(dsn_file), min_size=1)
     write_dsn(dsn_file, pg_a.dsn(user, password + "x"))
     with pytest.raises(asyncpg.InvalidPasswordError):
-        await aiohotload.create_pool(url_for(dsn_file), min_size=1)
+        await aiohotload.create_pool(watch_url(dsn_file), min_size=1)
 
     async def not_a_connection(*args: Any, **kwargs: Any) -> object:
         return object()
 
     write_dsn(dsn_file, pg_a.dsn(user, password))
     with pytest.raises(asyncpg.InterfaceError, match="connect callback"):
-        await aiohotload.create_pool(url_for(dsn_file), connect=not_a_connection)
+        await aiohotload.create_pool(watch_url(dsn_file), connect=not_a_connection)
     # Bad pool arguments: ValueError at once, as asyncpg.create_pool raises them.
     with pytest.raises(ValueError, match="min_size is greater than max_size"):
-        aiohotload.create_pool(url_for(dsn_file), min_size=5, max_size=2)
+        aiohotload.create_pool(watch_url(dsn_file), min_size=5, max_size=2)
     if ASYNCPG_VERSION >= (0, 32):
         with pytest.raises(ValueError, match="init_size is smaller than min_size"):
-            aiohotload.create_pool(url_for(dsn_file), min_size=3, init_size=1)
+            aiohotload.create_pool(watch_url(dsn_file), min_size=3, init_size=1)
 
 
 async def test_release_timeout_raises_as_asyncpg(
@@ -163,7 +160,7 @@ async def test_release_timeout_raises_as_asyncpg(
 ) -> None:
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=1) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=1) as pool:
         con = await pool.acquire()
         await con.execute("SELECT pg_advisory_lock(1)")
         # The reset at release runs a query; with no time for it, asyncpg raises.
@@ -178,7 +175,7 @@ async def test_use_while_initialising_says_what_asyncpg_says(
 ) -> None:
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    pool = aiohotload.create_pool(url_for(dsn_file), min_size=1)
+    pool = aiohotload.create_pool(watch_url(dsn_file), min_size=1)
     with pytest.raises(asyncpg.InterfaceError, match="pool is not initialized"):
         await pool.fetchval("SELECT 1")
     opening = asyncio.ensure_future(pool.__aenter__())
@@ -198,15 +195,15 @@ async def test_a_pool_dropped_without_close_is_collected_and_closes_its_connecti
     (fails on a version whose background task keeps the pool alive)."""
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    pool: HotPool | None = await aiohotload.create_pool(url_for(dsn_file), min_size=2)
+    pool: HotPool | None = await aiohotload.create_pool(watch_url(dsn_file), min_size=2)
     assert await backends(pg_a, user) == 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         del pool
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
-    await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
-    await wait_for(
+    await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+    await wait_until(
         lambda: [t for t in asyncio.all_tasks() if t.get_name().startswith("aiohotload")],
         lambda left: not left,
         timeout=10,
@@ -223,7 +220,7 @@ async def test_a_forked_child_never_touches_the_parents_connections(
     the shared connection gracefully)."""
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=1) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=1) as pool:
         pid_before = await pool.fetchval("SELECT pg_backend_pid()")
         reader, writer = os.pipe()
         child = os.fork()

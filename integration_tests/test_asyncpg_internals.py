@@ -12,9 +12,7 @@ import asyncpg
 import pytest
 
 from aiohotload import _asyncpg
-
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,7 +65,7 @@ async def test_wake_waiters_fails_the_callers_queued_for_a_connection(
     held = [await pool.acquire(), await pool.acquire()]
     waiters = [asyncio.ensure_future(pool.acquire(timeout=10)) for _ in range(3)]
     queue: Any = pool._queue  # type: ignore[attr-defined]
-    await wait_for(lambda: len(queue._getters), lambda n: n == 3, timeout=5)
+    await wait_until(lambda: len(queue._getters), lambda n: n == 3, timeout=5)
     assert _asyncpg.wake_waiters(pool, lambda: Woken("moved")) == 3
     for waiter in waiters:
         with pytest.raises(Woken):
@@ -88,7 +86,7 @@ async def test_expire_closes_each_connection_at_its_release(
     pid = con.get_server_pid()
     _asyncpg.expire(pool)
     await pool.release(con)
-    await wait_for(lambda: backend_alive(pg_a, pid), lambda alive: not alive, timeout=5)
+    await wait_until(lambda: backend_alive(pg_a, pid), lambda alive: not alive, timeout=5)
 
 
 async def test_expire_at_release_closes_one_connection(pool: asyncpg.Pool, pg_a: PgServer) -> None:
@@ -97,7 +95,7 @@ async def test_expire_at_release_closes_one_connection(pool: asyncpg.Pool, pg_a:
     _asyncpg.expire_at_release(first)
     await pool.release(first)
     await pool.release(second)
-    await wait_for(lambda: backend_alive(pg_a, expired), lambda alive: not alive, timeout=5)
+    await wait_until(lambda: backend_alive(pg_a, expired), lambda alive: not alive, timeout=5)
     assert await backend_alive(pg_a, kept)
     # The holder reconnects for its next caller.
     async with pool.acquire() as a, pool.acquire() as b:
@@ -114,7 +112,7 @@ async def test_stop_refilling_keeps_a_pool_below_min_size(
     con = await pool.acquire()
     _asyncpg.expire(pool)
     await pool.release(con)  # closed: asyncpg 0.32 would reconnect to reach min_size
-    await wait_for(pool.get_size, lambda n: n == 1, timeout=5)
+    await wait_until(pool.get_size, lambda n: n == 1, timeout=5)
     assert pool._maintenance_task is None if hasattr(pool, "_maintenance_task") else True
     assert pool.get_size() == 1
 

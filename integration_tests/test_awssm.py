@@ -19,13 +19,10 @@ import anyio
 import pytest
 
 import aiohotload
-from aiohotload import HotPool, SourceError
+from aiohotload import SourceError
 from aiohotload.strategies import Feedback, register_strategy, unregister_strategy
 from aiohotload.strategies.awssm import AwsSecretsManagerStrategy
-
-from .conftest import RoleFactory
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until
 
 if TYPE_CHECKING:
     from types_aiobotocore_secretsmanager import SecretsManagerClient
@@ -171,12 +168,6 @@ def assert_never_logged(log: pytest.LogCaptureFixture, password: str) -> None:
         assert form not in log.text
 
 
-async def port_of(pool: HotPool) -> int:
-    port = await pool.fetchval("SELECT inet_server_port()")
-    assert isinstance(port, int)
-    return port
-
-
 @pytest.fixture
 async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[str, str]:
     """One role with the same name and (hostile) password on both servers."""
@@ -247,7 +238,7 @@ async def test_rotation_through_awspending_switches_the_pool(
         # While the new value is only AWSPENDING, the pool stays where it is.
         version = await put_pending(aws, pg_b.dsn(user, password))
         seen = polls(log)
-        await wait_for(lambda: polls(log), lambda n: n >= seen + 2, what="two more polls")
+        await wait_until(lambda: polls(log), lambda n: n >= seen + 2, what="two more polls")
         assert pool.generation == 0
 
         # AWSCURRENT moves to the new version (a plain DSN this time): the pool follows.
@@ -297,13 +288,13 @@ async def test_deleted_secret_keeps_the_pool_serving(
         url_for(aws, interval="100ms"), min_size=1, max_size=2
     ) as pool:
         await aws.sm.delete_secret(SecretId=aws.secret_id, RecoveryWindowInDays=7)
-        (warning,) = await wait_for(lambda: strategy_warnings(log), what="a warning")
+        (warning,) = await wait_until(lambda: strategy_warnings(log), what="a warning")
         assert aws.secret_id in warning
         assert "InvalidRequestException" in warning
         assert "keeping the current DSN" in warning
         # Failing polls go on; the pool serves from the DSN it has.
         seen = len(log.records)
-        await wait_for(lambda: len(log.records), lambda n: n >= seen + 2, what="more polls")
+        await wait_until(lambda: len(log.records), lambda n: n >= seen + 2, what="more polls")
         assert await port_of(pool) == pg_a.port
         assert pool.last_error is None
 

@@ -12,11 +12,7 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool
-
-from .conftest import RoleFactory
-from .faults import write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, RoleFactory, wait_until, write_dsn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,8 +85,10 @@ async def test_random_cancellation_during_swaps_leaks_nothing(
     assert completed > 0
     await asyncio.wait_for(pool.close(), timeout=15)
     for server in (pg_a, pg_b):
-        await wait_for(lambda s=server: s.backends(usename=user), lambda rows: not rows, timeout=10)
-    await wait_for(
+        await wait_until(
+            lambda s=server: s.backends(usename=user), lambda rows: not rows, timeout=10
+        )
+    await wait_until(
         lambda: asyncio.all_tasks() - tasks_before - {asyncio.current_task()},
         lambda left: not left,
         timeout=5,
@@ -118,7 +116,7 @@ async def test_close_during_swaps_and_queries(
                 return
 
     workers = [asyncio.ensure_future(worker()) for _ in range(16)]
-    await wait_for(lambda: len(outcomes) > 20)
+    await wait_until(lambda: len(outcomes) > 20)
     write_dsn(path, pg_b.dsn(user, password))
     swap = asyncio.ensure_future(pool.wait_for_swap(timeout=10))
     await swap
@@ -134,4 +132,6 @@ async def test_close_during_swaps_and_queries(
         async with pool.acquire():
             pass
     for server in (pg_a, pg_b):
-        await wait_for(lambda s=server: s.backends(usename=user), lambda rows: not rows, timeout=10)
+        await wait_until(
+            lambda s=server: s.backends(usename=user), lambda rows: not rows, timeout=10
+        )

@@ -15,10 +15,9 @@ from urllib.parse import quote
 import anyio
 import pytest
 
-from .apps import ROOT, child_env, run_aiohotload, write_dsn
-from .conftest import RoleFactory
-from .pgserver import PgServer, find_bindir
-from .util import wait_for
+from aiohotload.testing import PgServer, RoleFactory, ServerSet, wait_until, write_dsn
+
+from .apps import ROOT, child_env, run_aiohotload
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -83,20 +82,23 @@ async def test_check_with_a_wrong_password_fails_without_showing_it(
     assert_no_password(result.stderr, wrong)
 
 
-@pytest.mark.skipif(find_bindir() is None, reason="the demo starts servers from local binaries")
-async def test_demo_runs_to_the_end_without_a_failed_query_and_cleans_up() -> None:
+async def test_demo_runs_to_the_end_without_a_failed_query_and_cleans_up(
+    pg_servers: ServerSet,
+) -> None:
+    install = pg_servers.install  # the demo finds the same PostgreSQL (or the test skips)
     result = await asyncio.to_thread(
         run_aiohotload, "demo", "--duration", "6", "--workers", "4", timeout=80
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    assert f"PostgreSQL {install.version} ({install.origin}, " in output
     assert re.search(r"^done: \d+ queries in .*, 0 failed, [1-9]\d* swaps$", output, re.M), output
     answered = re.findall(r"server [AB] 127\.0\.0\.1:(\d+): (\d+) queries answered", output)
     assert len({port for port, _ in answered}) == 2, output
     assert all(int(count) > 0 for _, count in answered), output
     assert "rotated on both servers" in output
     assert_no_password(output, "no password known here")
-    workdir = re.search(r"servers \(.*\) in (\S+)", output)
+    workdir = re.search(r"servers of PostgreSQL .* in (\S+)$", output, re.M)
     assert workdir is not None, output
     assert not Path(workdir[1]).exists()
     assert processes_mentioning(workdir[1]) == []
@@ -220,7 +222,7 @@ async def start_cli(*args: str) -> asyncio.subprocess.Process:
 
 async def helper_running(directory: Path) -> None:
     """Wait until the program, its helper and the helper's sleep all run."""
-    await wait_for(
+    await wait_until(
         lambda: survivors(directory),
         lambda running: len(running) == len(PIDS),
         timeout=30,

@@ -13,11 +13,8 @@ from urllib.parse import quote
 import pytest
 
 import aiohotload
-from aiohotload import HotPool, SourceError
-
-from .conftest import RoleFactory
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload import SourceError
+from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until, write_dsn
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -38,19 +35,6 @@ def script(directory: Path, body: str, name: str = "dsn.sh") -> Path:
 def exec_url(program: Path, **options: str) -> str:
     query = "&".join(f"{k}={quote(v, safe='')}" for k, v in options.items())
     return f"exec://postgres{quote(str(program))}" + (f"?{query}" if query else "")
-
-
-def write(path: Path, text: str) -> None:
-    """Replace *path* atomically, so a run never reads it half written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-async def port_of(pool: HotPool) -> int:
-    port = await pool.fetchval("SELECT inet_server_port()")
-    assert isinstance(port, int)
-    return port
 
 
 def assert_never_logged(log: pytest.LogCaptureFixture, password: str) -> None:
@@ -90,13 +74,13 @@ async def test_exec_pool_follows_what_the_program_prints(
 ) -> None:
     user, password = user_ab
     dsn_file = tmp_path / "dsn"
-    write(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_file, pg_a.dsn(user, password))
     program = script(tmp_path, 'cat "$DIR/dsn"')
     url = exec_url(program, interval="100ms", timeout="5s")
     async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool:
         assert await port_of(pool) == pg_a.port
         swapped = asyncio.ensure_future(pool.wait_for_swap(timeout=10))
-        write(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_file, pg_b.dsn(user, password))
         assert await swapped == 1
         assert await port_of(pool) == pg_b.port
         assert await pool.fetchval("SELECT current_user") == user
@@ -131,7 +115,7 @@ async def test_exec_failing_program_keeps_the_pool_serving(
 ) -> None:
     user, password = user_ab
     dsn_file = tmp_path / "dsn"
-    write(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_file, pg_a.dsn(user, password))
     # A failing helper that echoes the DSN it could not refresh: the warning, shown as asked,
     # must not.
     program = script(
@@ -143,13 +127,13 @@ async def test_exec_failing_program_keeps_the_pool_serving(
     async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool:
         (tmp_path / "fail").touch()
         logger = "aiohotload.strategies.command"
-        (warning,) = await wait_for(lambda: warnings_of(log, logger), what="a warning")
+        (warning,) = await wait_until(lambda: warnings_of(log, logger), what="a warning")
         assert "exited with status 1; stderr: refresh failed for postgresql://" in warning
         assert await port_of(pool) == pg_a.port
         assert pool.last_error is None
 
         swapped = asyncio.ensure_future(pool.wait_for_swap(timeout=10))
-        write(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_file, pg_b.dsn(user, password))
         (tmp_path / "fail").unlink()
         assert await swapped == 1
         assert await port_of(pool) == pg_b.port
@@ -172,10 +156,10 @@ async def test_closing_the_pool_kills_a_running_program(
         exec_url(program, interval="50ms"), min_size=1, max_size=2
     ) as pool:
         assert await pool.fetchval("SELECT 1") == 1
-        await wait_for(lambda: pid_file.exists() and helpers(tmp_path), what="a hanging run")
+        await wait_until(lambda: pid_file.exists() and helpers(tmp_path), what="a hanging run")
     # Closed: the program was killed and waited for, its helper killed with it.
     assert not Path(f"/proc/{int(pid_file.read_text())}").exists()
-    await wait_for(lambda: helpers(tmp_path), lambda found: not found, what="helper killed")
+    await wait_until(lambda: helpers(tmp_path), lambda found: not found, what="helper killed")
 
 
 def helpers(directory: Path) -> list[int]:
@@ -225,7 +209,7 @@ async def test_env_pool_uses_the_variable(
     async with aiohotload.create_pool(f"env://postgres/{VAR}", min_size=1, max_size=2) as pool:
         assert await pool.fetchval("SELECT current_user") == user
         # The strategy has ended (it yields once); the pool goes on with the DSN it has.
-        await wait_for(
+        await wait_until(
             lambda: any("'env' finished" in m for m in log.messages),
             what="the strategy to finish",
         )

@@ -25,11 +25,9 @@ import pytest
 import aiohotload
 from aiohotload import HotPool, ReloadFailed, SwapDone, redact_dsn
 from aiohotload.drivers import asyncpg_driver
+from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until, watch_url, write_dsn
 
-from .conftest import RoleFactory
-from .faults import EventLog, Load, LogWatch, port_of, url_for, write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from .faults import EventLog, Load, LogWatch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,7 +65,7 @@ async def test_half_written_file_never_swaps_to_the_half(
     full = pg_b.dsn(user, password)
     half = full[: full.rindex("@") - 4]  # cut inside the password
     async with (
-        aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool,
         Load(pool) as load,
     ):
         events = EventLog(pool)
@@ -119,7 +117,7 @@ async def test_flapping_file_ends_on_the_last_value_and_leaks_nothing(
             final = dsns[writes % 2]
             # The watcher may still hold an older read of the file and be opening a pool on
             # it: settled means on the last value with every other inner pool closed.
-            await wait_for(
+            await wait_until(
                 lambda: (
                     pool.target == redact_dsn(final)
                     and pool.draining == 0
@@ -133,14 +131,14 @@ async def test_flapping_file_ends_on_the_last_value_and_leaks_nothing(
             assert pool.generation <= writes
             # No connection is left on the other server, and no more than one pool's worth
             # on this one.
-            await wait_for(lambda: pg_b.backends(usename=user), lambda rows: not rows)
+            await wait_until(lambda: pg_b.backends(usename=user), lambda rows: not rows)
             assert len(await pg_a.backends(usename=user)) <= 3
             await load.progress()
         assert all(p.is_closing() for p in opened)
     finally:
         aiohotload.unregister_driver("countingpg")
     assert load.failures == []
-    await wait_for(lambda: pg_a.backends(usename=user), lambda rows: not rows)
+    await wait_until(lambda: pg_a.backends(usename=user), lambda rows: not rows)
 
 
 async def test_file_replaced_by_a_directory(
@@ -154,7 +152,7 @@ async def test_file_replaced_by_a_directory(
     path = tmp_path / "dsn"
     write_dsn(path, pg_a.dsn(user, password))
     async with (
-        aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool,
         Load(pool) as load,
     ):
         mark = logs.mark()
@@ -196,7 +194,7 @@ async def test_unreadable_file(
         path.chmod(0o644)
         # min_size == max_size: no new connection is needed while running as nobody.
         async with (
-            aiohotload.create_pool(url_for(path), min_size=2, max_size=2) as pool,
+            aiohotload.create_pool(watch_url(path), min_size=2, max_size=2) as pool,
             Load(pool, workers=2) as load,
         ):
             await load.progress()
@@ -229,7 +227,7 @@ async def test_symlink_loop(
     other = tmp_path / "other"
     write_dsn(path, pg_a.dsn(user, password))
     async with (
-        aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool,
         Load(pool) as load,
     ):
         mark = logs.mark()
@@ -258,7 +256,7 @@ async def test_watched_directory_deleted_and_recreated(
     path = directory / "dsn"
     write_dsn(path, pg_a.dsn(user, password))
     async with (
-        aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool,
         Load(pool) as load,
     ):
         for generation, server in enumerate([pg_b, pg_a], start=1):
@@ -307,7 +305,7 @@ async def test_hostile_contents_never_reach_the_pool(
         "a hotload URL": f"watchfiles://postgres{path}?password={secret}",
     }
     async with (
-        aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool,
         Load(pool) as load,
     ):
         events = EventLog(pool)
@@ -325,7 +323,7 @@ async def test_hostile_contents_never_reach_the_pool(
             assert secret not in str(error), what
             assert pool.generation == 0, what
             write_dsn(path, good)  # back to the DSN in use: nothing left to retry
-            await wait_for(lambda: pool.last_error, lambda e: e is None, what=what)
+            await wait_until(lambda: pool.last_error, lambda e: e is None, what=what)
         await load.progress()
         assert [e for e in events.events if secret in repr(e)] == []
         write_dsn(path, pg_b.dsn(user, password))
@@ -345,7 +343,7 @@ async def test_fifo_at_the_path_does_not_block_the_pool(
     path = tmp_path / "dsn"
     write_dsn(path, pg_a.dsn(user, password))
     async with (
-        aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool,
         Load(pool) as load,
     ):
         mark = logs.mark()

@@ -25,11 +25,9 @@ from hypothesis import strategies as st
 import aiohotload
 from aiohotload import HotloadError, InvalidDSNError, ReloadFailed
 from aiohotload.sqlalchemy import create_async_engine
+from aiohotload.testing import PgServer, RoleFactory, wait_until, watch_url
 
-from .conftest import RoleFactory
-from .faults import EventLog, url_for
-from .pgserver import PgServer
-from .util import wait_for
+from .faults import EventLog
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -173,7 +171,7 @@ async def test_a_first_dsn_never_shows_its_password(
         records.texts.clear()
         # A refused login may surface as asyncpg raises it; a DSN that does not read, as ours.
         with pytest.raises((HotloadError, asyncpg.PostgresError, OSError)) as info:
-            await aiohotload.create_pool(url_for(path, connect_timeout="10"), min_size=1)
+            await aiohotload.create_pool(watch_url(path, connect_timeout="10"), min_size=1)
     if form in ("dotenv", "dotenv-raw", "export", "bom"):
         assert isinstance(info.value, InvalidDSNError)
     for exc in shown(info.value):
@@ -198,7 +196,7 @@ async def serving(pg_a: PgServer, role: RoleFactory, tmp_path: Path) -> AsyncIte
     user, password = await role(pg_a)
     path = tmp_path / "dsn"
     write(path, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool:
         yield Serving(pool, path, user, EventLog(pool))
 
 
@@ -221,7 +219,7 @@ async def test_a_later_dsn_never_shows_its_password(
         form, pw, host="127.0.0.1", port=pg_a.port, user=serving.user, db=f"db{serving.written}"
     )
     write(serving.path, dsn)
-    failed = await wait_for(
+    failed = await wait_until(
         lambda: [e for e in events.of(ReloadFailed)[before:] if e.attempt == 1],
         what="the first failure of the new DSN",
         timeout=30,
@@ -246,7 +244,7 @@ async def test_the_sqlalchemy_engine_never_shows_the_password(
     pw = "Qx7k/Lm9z?Zp2r@Tn"
     path = tmp_path / "dsn"
     write(path, dsn_in_form(form, pw, host="127.0.0.1", port=pg_a.port, user="app", db="app"))
-    engine = create_async_engine(url_for(path, connect_timeout="10"))
+    engine = create_async_engine(watch_url(path, connect_timeout="10"))
     try:
         with pytest.raises((HotloadError, asyncpg.PostgresError, OSError)) as info:
             await engine.start()

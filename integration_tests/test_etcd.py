@@ -18,14 +18,11 @@ import anyio
 import pytest
 
 import aiohotload
-from aiohotload import HotPool
 from aiohotload.strategies import register_strategy, unregister_strategy
 from aiohotload.strategies.etcd import EtcdStrategy
+from aiohotload.testing import PgServer, RoleFactory, hostile_password, port_of, wait_until
 
-from .conftest import RoleFactory, hostile_password
 from .etcd_server import EtcdServer, TcpProxy, connections_to, find_etcd, make_tls_files
-from .pgserver import PgServer
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,12 +113,6 @@ def url_for(key: str, endpoints: str, **options: str) -> str:
     return f"etcd://postgres/{key}?{query}"
 
 
-async def port_of(pool: HotPool) -> int:
-    port = await pool.fetchval("SELECT inet_server_port()")
-    assert isinstance(port, int)
-    return port
-
-
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == LOGGER and text in r.getMessage()]
 
@@ -177,7 +168,7 @@ async def test_follows_the_key_across_an_etcd_restart(
         await server.put(key, targets.b)
         assert await pool.wait_for_swap(timeout=10) == 1
         await asyncio.to_thread(server.stop)
-        await wait_for(lambda: logged(caplog, "lost the watch"), timeout=10)
+        await wait_until(lambda: logged(caplog, "lost the watch"), timeout=10)
         await asyncio.to_thread(server.start)
         await server.put(key, targets.a_kv)
         assert await pool.wait_for_swap(timeout=15) == 2
@@ -195,9 +186,9 @@ async def test_deleted_key_keeps_the_pool_until_recreated(
     await etcd.put(key, targets.a)
     async with aiohotload.create_pool(url_for(key, etcd.endpoint), min_size=1, max_size=2) as pool:
         await etcd.delete(key)
-        await wait_for(lambda: logged(caplog, "was deleted"), timeout=10)
+        await wait_until(lambda: logged(caplog, "was deleted"), timeout=10)
         await etcd.put(key, "  \n")
-        await wait_for(lambda: logged(caplog, "is empty"), timeout=10)
+        await wait_until(lambda: logged(caplog, "is empty"), timeout=10)
         assert await port_of(pool) == targets.port_a
         assert pool.generation == 0
         await etcd.put(key, targets.b)
@@ -214,9 +205,9 @@ async def test_compaction_while_disconnected_rereads_the_key(
     try:
         assert await next_value(gen) == "postgresql://u@db1/app"
         pending = asyncio.ensure_future(next_value(gen))
-        await wait_for(lambda: logged(caplog, "watch created"), timeout=10)
+        await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
         proxy.cut()
-        await wait_for(lambda: logged(caplog, "lost the watch"), timeout=10)
+        await wait_until(lambda: logged(caplog, "lost the watch"), timeout=10)
         # Changes the watcher cannot see, then the history it would resume from is dropped.
         for n in (2, 3, 4):
             await etcd.put(key, f"postgresql://u@db{n}/app")
@@ -240,7 +231,7 @@ async def test_moves_to_the_next_endpoint_when_one_fails(
     try:
         assert await next_value(gen) == "postgresql://u@db1/app"
         pending = asyncio.ensure_future(next_value(gen))
-        await wait_for(lambda: logged(caplog, "watch created"), timeout=10)
+        await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
         proxy.cut()
         await etcd.put(key, "postgresql://u@db2/app")
         assert await pending == "postgresql://u@db2/app"
@@ -265,11 +256,11 @@ async def test_member_without_a_leader_is_left_and_watched_again(
         try:
             assert await next_value(gen) == "postgresql://u@db1/app"
             pending = asyncio.ensure_future(next_value(gen, timeout=30))
-            await wait_for(lambda: logged(caplog, "watch created"), timeout=10)
+            await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
             # Without a quorum the member has no leader: a watch on it would silently stall.
             for member in others:
                 member.kill()
-            await wait_for(lambda: logged(caplog, "no leader"), timeout=10)
+            await wait_until(lambda: logged(caplog, "no leader"), timeout=10)
             for member in others:
                 member.launch()
             # One of them is enough for a quorum again; the other may take seconds to catch up.
@@ -394,13 +385,13 @@ async def test_hung_member_is_left_for_one_that_answers(
         # The first endpoint is the one the watch starts on.
         url = url_for(key, ",".join(m.endpoint for m in members), keepalive="500ms", timeout="1s")
         async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool:
-            await wait_for(lambda: logged(caplog, f"watch created on etcd key {key!r} through"))
+            await wait_until(lambda: logged(caplog, f"watch created on etcd key {key!r} through"))
             assert logged(caplog, f"through {hung.url}")
             # Alive for TCP, answering nothing: the open watch stream just goes quiet.
             hung.freeze()
             swapped = asyncio.ensure_future(pool.wait_for_swap(timeout=30))
             # The others may first have to elect a leader in its place.
-            await wait_for(lambda: other.put(key, targets.b), timeout=20, ignore=(Exception,))
+            await wait_until(lambda: other.put(key, targets.b), timeout=20, ignore=(Exception,))
             assert await swapped == 1
             assert await port_of(pool) == targets.port_b
             assert pool.last_error is None
@@ -429,9 +420,9 @@ async def test_pools_on_one_key_share_one_watch_and_one_connection(
         *(aiohotload.create_pool(url, name=f"tenant{i}", min_size=1, max_size=1) for i in range(50))
     )
     try:
-        await wait_for(lambda: server.metric(streams), lambda n: n == 1)
+        await wait_until(lambda: server.metric(streams), lambda n: n == 1)
         # The first reads' connection goes idle and is closed; the stream's stays.
-        await wait_for(lambda: connections_to(server.port), lambda n: n == 1)
+        await wait_until(lambda: connections_to(server.port), lambda n: n == 1)
         swaps = [asyncio.ensure_future(p.wait_for_swap(timeout=20)) for p in pools]
         await server.put(key, targets.b)
         assert await asyncio.gather(*swaps) == [1] * 50
@@ -445,5 +436,5 @@ async def test_pools_on_one_key_share_one_watch_and_one_connection(
     finally:
         await asyncio.gather(*(p.close() for p in pools))
     # The last one out ends the watch and closes its connection.
-    await wait_for(lambda: server.metric(streams), lambda n: n == 0)
+    await wait_until(lambda: server.metric(streams), lambda n: n == 0)
     assert connections_to(server.port) == 0

@@ -17,11 +17,7 @@ from aiohotload import (
     ReloadStarted,
     SwapDone,
 )
-
-from .conftest import RoleFactory
-from .faults import write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, RoleFactory, wait_until, write_dsn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +37,7 @@ async def test_swap_failure_and_drain_events(
         pool.add_listener(lambda event: 1 / 0)  # a broken listener must not matter
 
         write_dsn(path, pg_b.dsn(user, "wrong" + password))
-        failed = await wait_for(lambda: [e for e in seen if isinstance(e, ReloadFailed)])
+        failed = await wait_until(lambda: [e for e in seen if isinstance(e, ReloadFailed)])
         assert failed[0].attempt == 1
         assert failed[0].generation == 0
         assert failed[0].retry_in > 0
@@ -50,7 +46,7 @@ async def test_swap_failure_and_drain_events(
         held = await pool.acquire()  # straggler: terminated at the drain timeout
         write_dsn(path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
-        drained = await wait_for(lambda: [e for e in seen if isinstance(e, PoolDrained)])
+        drained = await wait_until(lambda: [e for e in seen if isinstance(e, PoolDrained)])
         await pool.release(held)
 
     swap = next(e for e in seen if isinstance(e, SwapDone))
@@ -86,7 +82,7 @@ async def test_force_kill_event_and_async_iteration(
     consumer = asyncio.ensure_future(consume())
     write_dsn(path, pg_b.dsn(user, password))
     await pool.wait_for_swap(timeout=10)
-    await wait_for(lambda: any(isinstance(e, ForceKillDone) for e in collected))
+    await wait_until(lambda: any(isinstance(e, ForceKillDone) for e in collected))
     await pool.close()
     # The iterator ends when the pool closes.
     await asyncio.wait_for(consumer, timeout=5)

@@ -16,11 +16,9 @@ import pytest
 import yaml
 
 import aiohotload
+from aiohotload.testing import PgServer, RoleFactory, wait_until, write_dsn
 
-from .apps import ROOT, child_env, exited_cleanly, uvicorn, write_dsn
-from .conftest import RoleFactory
-from .pgserver import PgServer
-from .util import wait_for
+from .apps import ROOT, child_env, exited_cleanly, uvicorn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,7 +76,7 @@ async def test_fastapi_sqlalchemy_app_follows_a_change_and_disposes_on_ctrl_c(
         health = (await client.get(server.url + "/healthz")).json()
         before = (await client.get(server.url + "/")).json()
         write_dsn(dsn_file, pg_b.dsn(user, password))
-        after = await wait_for(
+        after = await wait_until(
             lambda: client.get(server.url + "/"),
             lambda r: r.json()["port"] == pg_b.port,
             timeout=10,
@@ -100,7 +98,7 @@ async def test_fastapi_sqlalchemy_app_follows_a_change_and_disposes_on_ctrl_c(
     assert password not in log
     assert quote(password, safe="") not in log
     for server_ in (pg_a, pg_b):
-        await wait_for(lambda s=server_: s.backends(usename=user), lambda rows: not rows)
+        await wait_until(lambda s=server_: s.backends(usename=user), lambda rows: not rows)
 
 
 async def test_custom_strategy_script_queries_and_follows_a_change(
@@ -165,3 +163,9 @@ def test_kubernetes_manifests_agree_with_the_url_they_configure() -> None:
     (app,) = pod["containers"]
     assert app["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert '@app.get("/healthz")' in (EXAMPLES / "fastapi_app.py").read_text()
+
+
+def test_readme_shows_the_rotation_example_as_the_suite_runs_it() -> None:
+    code = (EXAMPLES / "test_rotation.py").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "```python\n" + code[code.index("from __future__") :] + "```\n" in readme

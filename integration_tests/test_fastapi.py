@@ -14,10 +14,9 @@ import anyio
 import httpx
 import pytest
 
-from .apps import ROOT, child_env, exited_cleanly, uvicorn, write_dsn
-from .conftest import RoleFactory
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, RoleFactory, wait_until, write_dsn
+
+from .apps import ROOT, child_env, exited_cleanly, uvicorn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -77,9 +76,9 @@ async def test_requests_keep_succeeding_while_the_dsn_switches_and_shutdown_drai
                 target = pg_b if switch % 2 else pg_a
                 answered = ports[target.port]
                 write_dsn(dsn_file, target.dsn(user, password))
-                await wait_for(generation, lambda g, n=switch: g == n, timeout=20)
+                await wait_until(generation, lambda g, n=switch: g == n, timeout=20)
                 # Traffic reached the new server before the next move.
-                await wait_for(lambda t=target, n=answered: ports[t.port] > n, timeout=20)
+                await wait_until(lambda t=target, n=answered: ports[t.port] > n, timeout=20)
 
             # Shut down under load: requests in flight finish, then the pool drains.
             stopping = True
@@ -98,7 +97,7 @@ async def test_requests_keep_succeeding_while_the_dsn_switches_and_shutdown_drai
     assert quote(password, safe="") not in log
     for pg in (pg_a, pg_b):
         # The app closed its connections; the backends exit right after.
-        await wait_for(lambda pg=pg: pg.backends(usename=user), lambda rows: not rows)
+        await wait_until(lambda pg=pg: pg.backends(usename=user), lambda rows: not rows)
 
 
 async def test_startup_fails_without_a_usable_dsn(tmp_path: Path) -> None:

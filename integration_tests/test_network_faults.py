@@ -17,20 +17,18 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool, PoolDrained, ReloadFailed, ReloadStarted
-
-from .conftest import RoleFactory
-from .faults import (
-    CONNECTION_ERRORS,
-    EventLog,
-    Load,
-    no_new_tasks,
+from aiohotload.testing import (
+    PgServer,
+    RoleFactory,
     port_of,
-    url_for,
+    url_dsn,
+    wait_until,
+    watch_url,
     write_dsn,
 )
-from .pgserver import PgServer, url_dsn
+
+from .faults import CONNECTION_ERRORS, EventLog, Load, no_new_tasks
 from .tcpproxy import Mode, TcpProxy
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,19 +76,19 @@ async def test_silent_server_is_superseded_by_a_newer_dsn_at_once(
     write_dsn(path, pg_a.dsn(user, password))
     proxy_b.mode = "blackhole"
     # connect_timeout is far longer than the test's deadlines: only superseding can pass it.
-    url = url_for(path, connect_timeout="60")
+    url = watch_url(path, connect_timeout="60")
     async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool, Load(pool) as load:
         log = EventLog(pool)
         write_dsn(path, via(proxy_b, user, password))
         await log.wait(ReloadStarted)
-        await wait_for(lambda: proxy_b.active, lambda n: n >= 1, what="an attempt on the proxy")
+        await wait_until(lambda: proxy_b.active, lambda n: n >= 1, what="an attempt on the proxy")
         await load.progress()  # the current pool serves while the attempt hangs
 
         write_dsn(path, pg_b.dsn(user, password))
         await pool.wait_until(lambda p: p.generation == 1, timeout=10)
         assert await port_of(pool) == pg_b.port
         # The superseded attempt let go of its connection to the silent server.
-        await wait_for(lambda: proxy_b.active, lambda n: n == 0, timeout=10)
+        await wait_until(lambda: proxy_b.active, lambda n: n == 0, timeout=10)
         assert log.of(ReloadFailed) == []
         assert pool.last_error is None
     assert load.failures == []
@@ -103,7 +101,7 @@ async def test_unreachable_new_server_is_retried_until_it_answers(
     user, password = user_ab
     path = tmp_path / "dsn"
     write_dsn(path, pg_a.dsn(user, password))
-    url = url_for(path, connect_timeout="1")
+    url = watch_url(path, connect_timeout="1")
     async with (
         TcpProxy(pg_b.host, pg_b.port) as proxy_b,
         aiohotload.create_pool(url, min_size=1, max_size=2) as pool,
@@ -126,7 +124,7 @@ async def test_unreachable_new_server_is_retried_until_it_answers(
         assert pool.last_error is None
         await log.wait(PoolDrained)
         # Every failed attempt closed its connections: only the current pool's go through.
-        await wait_for(
+        await wait_until(
             lambda: proxy_b.active == pool.get_size(), timeout=10, what="no leftover attempts"
         )
     assert load.failures == []
@@ -143,9 +141,9 @@ async def test_first_dsn_on_a_silent_server_fails_within_connect_timeout(
     tasks_before = asyncio.all_tasks()
     with pytest.raises(aiohotload.DriverError, match="connect_timeout"):
         await asyncio.wait_for(
-            aiohotload.create_pool(url_for(path, connect_timeout="1")), timeout=10
+            aiohotload.create_pool(watch_url(path, connect_timeout="1")), timeout=10
         )
-    await wait_for(lambda: proxy_a.active, lambda n: n == 0, timeout=10)
+    await wait_until(lambda: proxy_a.active, lambda n: n == 0, timeout=10)
     await no_new_tasks(tasks_before)
 
 
@@ -159,7 +157,7 @@ async def test_connection_cut_mid_query_fails_that_query_only(
     settings = {"client_connection_check_interval": "100ms"}
     async with (
         aiohotload.create_pool(
-            url_for(path), min_size=3, max_size=3, server_settings=settings
+            watch_url(path), min_size=3, max_size=3, server_settings=settings
         ) as pool,
         Load(pool, workers=2) as load,
     ):
@@ -167,7 +165,7 @@ async def test_connection_cut_mid_query_fails_that_query_only(
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
             slow = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(30)"))
-            await wait_for(
+            await wait_until(
                 lambda: pg_a.backends(usename=user),
                 lambda rows: any(r["pid"] == pid and r["state"] == "active" for r in rows),
                 what="the slow query running",
@@ -177,14 +175,14 @@ async def test_connection_cut_mid_query_fails_that_query_only(
                 await asyncio.wait_for(slow, timeout=10)
         # Releasing the broken connection (leaving the block) raised nothing.
         await load.progress(50)
-        await wait_for(
+        await wait_until(
             lambda: pg_a.backends(usename=user),
             lambda rows: pid not in [r["pid"] for r in rows],
             timeout=10,
             what="the cut connection's backend gone",
         )
         assert await port_of(pool) == pg_a.port
-        await wait_for(pool.get_size, lambda n: n == 3, timeout=10, what="the pool refilled")
+        await wait_until(pool.get_size, lambda n: n == 3, timeout=10, what="the pool refilled")
     assert load.failures == []
 
 
@@ -199,7 +197,7 @@ async def test_every_connection_cut_the_pool_recovers(
         await pool.fetchval("SELECT pg_sleep(0.005)")
 
     async with (
-        aiohotload.create_pool(url_for(path), min_size=2, max_size=4) as pool,
+        aiohotload.create_pool(watch_url(path), min_size=2, max_size=4) as pool,
         Load(pool, workers=6, work=short_query) as load,
     ):
         await load.progress()
@@ -211,7 +209,7 @@ async def test_every_connection_cut_the_pool_recovers(
     assert len(load.failures) <= cut
     unexpected = [e for e in load.failures if not isinstance(e, CONNECTION_ERRORS)]
     assert unexpected == []
-    await wait_for(lambda: pg_a.backends(usename=user), lambda rows: not rows, timeout=10)
+    await wait_until(lambda: pg_a.backends(usename=user), lambda rows: not rows, timeout=10)
 
 
 async def test_old_server_cut_while_draining_ends_the_drain_promptly(
@@ -226,7 +224,7 @@ async def test_old_server_cut_while_draining_ends_the_drain_promptly(
     write_dsn(path, via(proxy_a, user, password))
     # drain_timeout is far longer than the deadlines: the drain must end on its own.
     async with aiohotload.create_pool(
-        url_for(path, drain_timeout="60"), min_size=2, max_size=4
+        watch_url(path, drain_timeout="60"), min_size=2, max_size=4
     ) as pool:
         log = EventLog(pool)
         held = await pool.acquire()
@@ -245,7 +243,7 @@ async def test_old_server_cut_while_draining_ends_the_drain_promptly(
             await load.progress()
         assert await port_of(pool) == pg_b.port
     assert load.failures == []
-    await wait_for(lambda: pg_a.backends(usename=user), lambda rows: not rows, timeout=10)
+    await wait_until(lambda: pg_a.backends(usename=user), lambda rows: not rows, timeout=10)
 
 
 async def test_old_server_going_silent_while_draining_is_bounded(
@@ -259,7 +257,7 @@ async def test_old_server_going_silent_while_draining_is_bounded(
     path = tmp_path / "dsn"
     write_dsn(path, via(proxy_a, user, password))
     async with aiohotload.create_pool(
-        url_for(path, drain_timeout="1"), min_size=1, max_size=2
+        watch_url(path, drain_timeout="1"), min_size=1, max_size=2
     ) as pool:
         log = EventLog(pool)
         held = await pool.acquire()  # the pool's only connection so far
@@ -269,7 +267,7 @@ async def test_old_server_going_silent_while_draining_is_bounded(
         accepted = proxy_a.accepted
         # Needs a second connection: asyncpg opens one to the old server, which never answers.
         waiter = asyncio.ensure_future(pool.fetchval("SELECT inet_server_port()"))
-        await wait_for(lambda: proxy_a.accepted > accepted, what="the waiter connecting")
+        await wait_until(lambda: proxy_a.accepted > accepted, what="the waiter connecting")
 
         write_dsn(path, pg_b.dsn(user, password))
         await pool.wait_until(lambda p: p.generation == 1, timeout=10)
@@ -296,13 +294,13 @@ async def test_force_kill_moves_a_caller_waiting_on_a_connect_to_a_silent_old_se
     path = tmp_path / "dsn"
     write_dsn(path, via(proxy_a, user, password))
     # drain_timeout far beyond the deadline: only the force kill can move the waiter.
-    url = url_for(path, force_kill="true", drain_timeout="60")
+    url = watch_url(path, force_kill="true", drain_timeout="60")
     async with aiohotload.create_pool(url, min_size=1, max_size=2) as pool:
         held = await pool.acquire()
         proxy_a.mode = "blackhole"
         accepted = proxy_a.accepted
         waiter = asyncio.ensure_future(pool.fetchval("SELECT inet_server_port()"))
-        await wait_for(lambda: proxy_a.accepted > accepted, what="the waiter connecting")
+        await wait_until(lambda: proxy_a.accepted > accepted, what="the waiter connecting")
         write_dsn(path, pg_b.dsn(user, password))
         await pool.wait_until(lambda p: p.generation == 1, timeout=10)
         assert await asyncio.wait_for(waiter, timeout=10) == pg_b.port
@@ -316,7 +314,7 @@ async def test_close_is_bounded_when_the_server_goes_silent(
     path = tmp_path / "dsn"
     write_dsn(path, via(proxy_a, user, password))
     tasks_before = asyncio.all_tasks()
-    pool = await aiohotload.create_pool(url_for(path, drain_timeout="1"), min_size=3, max_size=3)
+    pool = await aiohotload.create_pool(watch_url(path, drain_timeout="1"), min_size=3, max_size=3)
     assert await pool.fetchval("SELECT 1") == 1
     proxy_a.mode = "blackhole"
     # Closing a connection waits for the server to acknowledge it, which never comes; close()
@@ -324,7 +322,7 @@ async def test_close_is_bounded_when_the_server_goes_silent(
     await asyncio.wait_for(pool.close(), timeout=10)
     await no_new_tasks(tasks_before)
     proxy_a.mode = "pass"  # let the server see the closes, so the role can be dropped
-    await wait_for(lambda: proxy_a.active, lambda n: n == 0, timeout=10)
+    await wait_until(lambda: proxy_a.active, lambda n: n == 0, timeout=10)
 
 
 async def test_server_ending_a_session_shows_as_a_connection_error_never_as_a_lost_result(
@@ -341,11 +339,11 @@ async def test_server_ending_a_session_shows_as_a_connection_error_never_as_a_lo
     async def server_ends_the_session() -> None:
         closed = proxy_a.server_closed
         assert await pg_a.terminate(usename=user) == 1
-        await wait_for(lambda: proxy_a.server_closed, lambda n: n > closed)
+        await wait_until(lambda: proxy_a.server_closed, lambda n: n > closed)
         # The fault itself: the client's event loop reads the goodbye (loopback: at once).
         await asyncio.sleep(0.1)
 
-    async with aiohotload.create_pool(url_for(path), min_size=1, max_size=1) as pool:
+    async with aiohotload.create_pool(watch_url(path), min_size=1, max_size=1) as pool:
         # Idle in the pool: the next query on it fails, as a connection error.
         assert await pool.fetchval("SELECT 1") == 1
         await server_ends_the_session()

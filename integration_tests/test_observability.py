@@ -13,6 +13,8 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
+from aiohotload.testing import PgServer, RoleFactory, wait_until, write_dsn
+
 pytest.importorskip("prometheus_client")
 pytest.importorskip("opentelemetry.sdk")
 
@@ -27,11 +29,6 @@ import aiohotload
 from aiohotload import Event, HotPool, PoolDrained, ReloadFailed, SwapDone
 from aiohotload.metrics import HotloadCollector
 from aiohotload.tracing import instrument
-
-from .conftest import RoleFactory
-from .faults import write_dsn
-from .pgserver import PgServer
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -168,7 +165,7 @@ async def test_swap_is_counted_timed_and_traced_once(
     assert scrape("hotload_pool_connections", pool=NAME) == 2  # the held one and the new one
 
     await pool.release(held)
-    (drained,) = await wait_for(lambda: graceful.of(PoolDrained))
+    (drained,) = await wait_until(lambda: graceful.of(PoolDrained))
     (swap,) = graceful.of(SwapDone)
     assert isinstance(swap, SwapDone) and isinstance(drained, PoolDrained)
     scrape = graceful.scrape()
@@ -203,7 +200,7 @@ async def test_failed_reloads_are_counted_and_traced_as_errors(
     pool = graceful.pool
     write_dsn(setup.path, pg_b.dsn(setup.user, "wrong" + setup.password))
     # The first retry comes a quarter of a second after the first failure.
-    await wait_for(lambda: len(graceful.of(ReloadFailed)) >= 2)
+    await wait_until(lambda: len(graceful.of(ReloadFailed)) >= 2)
 
     # Read everything in one synchronous step, so that no attempt ends in between.
     failed, scrape, spans = graceful.of(ReloadFailed), graceful.scrape(), graceful.spans()
@@ -240,7 +237,7 @@ async def test_straggler_at_drain_timeout_is_counted_as_killed(
 
     write_dsn(setup.path, pg_b.dsn(setup.user, setup.password))
     await pool.wait_for_swap(timeout=10)
-    (drained,) = await wait_for(lambda: short_drain.of(PoolDrained))
+    (drained,) = await wait_until(lambda: short_drain.of(PoolDrained))
     assert isinstance(drained, PoolDrained)
     scrape = short_drain.scrape()
     assert scrape("hotload_connections_killed_total", pool=NAME, reason="timeout") == 1

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from integration_tests.conftest import HOSTILE, RoleFactory
-from integration_tests.pgserver import PgServer, find_bindir, running
-from integration_tests.util import wait_for
+from aiohotload.testing import HOSTILE, PgServer, RoleFactory, ServerSet, wait_until
+from aiohotload.testing._process import running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,15 +57,16 @@ async def test_hostile_password_works_in_url_dsn(pg_a: PgServer, role: RoleFacto
     assert (parts.hostname, parts.port, parts.path) == (pg_a.host, pg_a.port, "/postgres")
 
 
-async def test_hostile_password_works_in_kv_dsn(pg_a: PgServer, role: RoleFactory) -> None:
+async def test_hostile_password_works_in_kv_dsn(
+    pg_a: PgServer, role: RoleFactory, pg_servers: ServerSet
+) -> None:
     # asyncpg reads URL DSNs only, so psql (libpq, which defines the key=value form) checks it.
-    bindir = find_bindir()
-    psql = shutil.which("psql") or (str(bindir / "psql") if bindir else None)
-    if psql is None:
-        pytest.skip("needs psql to read key=value DSNs")
+    psql = pg_servers.install.bindir / "psql"
+    if not psql.exists():
+        pytest.skip(f"needs psql beside the server binaries to read key=value DSNs: {psql}")
     user, password = await role(pg_a)
     proc = await asyncio.create_subprocess_exec(
-        psql,
+        str(psql),
         "-XAtq",
         "-c",
         "SELECT current_user || ' ' || inet_server_port()",
@@ -91,7 +90,7 @@ async def test_backends_sees_an_app_named_connection(pg_a: PgServer, role: RoleF
         assert all(r["application_name"] != "pgserver-admin" for r in await pg_a.backends())
     finally:
         await conn.close()
-    await wait_for(lambda: pg_a.backends(usename=user), lambda rows: not rows, timeout=5)
+    await wait_until(lambda: pg_a.backends(usename=user), lambda rows: not rows, timeout=5)
 
 
 async def test_stop_immediate_refuses_connects_and_restart_brings_it_back(
@@ -104,7 +103,7 @@ async def test_stop_immediate_refuses_connects_and_restart_brings_it_back(
     assert not pg_disposable.is_running
     with pytest.raises((OSError, asyncpg.PostgresError)):
         await login(dsn)
-    await wait_for(conn.is_closed, timeout=5)
+    await wait_until(conn.is_closed, timeout=5)
     port = pg_disposable.port
     await pg_disposable.start()
     assert pg_disposable.port == port
@@ -118,7 +117,7 @@ async def test_restart_ends_sessions_and_keeps_the_port(
     dsn = pg_disposable.dsn(user, password)
     conn = await asyncpg.connect(dsn)
     await pg_disposable.restart()
-    await wait_for(conn.is_closed, timeout=5)
+    await wait_until(conn.is_closed, timeout=5)
     assert await login(dsn) == (user, pg_disposable.port)
 
 
@@ -132,7 +131,7 @@ async def test_kill_drops_connections_and_start_recovers(
     await pg_disposable.kill()
     assert not pg_disposable.is_running
     assert running([backend]) == []
-    await wait_for(conn.is_closed, timeout=5)
+    await wait_until(conn.is_closed, timeout=5)
     await pg_disposable.start()
     assert await login(dsn) == (user, pg_disposable.port)
 
@@ -143,12 +142,12 @@ async def test_kill_postmaster_only_lets_backends_exit(
     user, password = await role(pg_disposable)
     conn = await asyncpg.connect(pg_disposable.dsn(user, password))
     await pg_disposable.kill(backends=False)
-    await wait_for(conn.is_closed, timeout=5)
+    await wait_until(conn.is_closed, timeout=5)
     await pg_disposable.start()
     assert await pg_disposable.fetchval("SELECT 1") == 1
 
 
 async def test_wait_for_names_the_condition_on_timeout() -> None:
     with pytest.raises(TimeoutError, match=r"never.*last value: 0"):
-        await wait_for(lambda: 0, timeout=0.05, what="never")
-    assert await wait_for(lambda: asyncio.sleep(0, result=3), lambda n: n == 3) == 3
+        await wait_until(lambda: 0, timeout=0.05, what="never")
+    assert await wait_until(lambda: asyncio.sleep(0, result=3), lambda n: n == 3) == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,9 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool
-
-from .faults import port_of, url_for, write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until, watch_url, write_dsn
 
 pytestmark = pytest.mark.timeout(90)
-
-RoleFactory = Callable[..., Awaitable[tuple[str, str]]]
 
 
 async def backends(server: PgServer, user: str) -> int:
@@ -46,7 +40,7 @@ async def test_switches_servers_when_the_file_changes(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=4) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=4) as pool:
         assert await port_of(pool) == pg_a.port
         assert pool.generation == 0
         swapped = asyncio.ensure_future(pool.wait_for_swap(timeout=10))
@@ -55,13 +49,13 @@ async def test_switches_servers_when_the_file_changes(
         assert await port_of(pool) == pg_b.port
         assert pool.generation == 1
         assert pool.target is not None and str(pg_b.port) in pool.target
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
 
 
 async def test_key_value_dsn(pg_a: PgServer, role: RoleFactory, dsn_file: Path) -> None:
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.kv_dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
         assert await pool.fetchval("SELECT current_user") == user
         assert pool.target is not None and password not in pool.target
 
@@ -72,7 +66,7 @@ async def test_password_rotation_with_alter_role(
     user, old_password = await role(pg_a)
     new_password = old_password[::-1] + "-rotated"
     write_dsn(dsn_file, pg_a.dsn(user, old_password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=2, max_size=4) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=4) as pool:
         assert await pool.fetchval("SELECT current_user") == user
         await pg_a.alter_password(user, new_password)
         # Connections opened with the old password stay valid; new ones need the new one.
@@ -90,18 +84,18 @@ async def test_bad_dsn_keeps_the_old_pool_then_recovers(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
         for bad in (
             pg_b.dsn(user, "wrong-password"),
             "postgresql://nobody@127.0.0.1:1/nowhere",
             "this is not a DSN at all",
         ):
             write_dsn(dsn_file, bad)
-            await wait_for(lambda: pool.last_error, lambda e: e is not None, timeout=10)
+            await wait_until(lambda: pool.last_error, lambda e: e is not None, timeout=10)
             assert pool.generation == 0
             assert await port_of(pool) == pg_a.port
             write_dsn(dsn_file, pg_a.dsn(user, password))
-            await wait_for(lambda: pool.last_error, lambda e: e is None, timeout=10)
+            await wait_until(lambda: pool.last_error, lambda e: e is None, timeout=10)
         assert "wrong-password" not in str(pool.last_error)
         write_dsn(dsn_file, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
@@ -115,9 +109,9 @@ async def test_late_server_is_picked_up_by_retry(
     await role(pg_disposable, name=user, password=password)
     await pg_disposable.stop("fast")
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
         write_dsn(dsn_file, pg_disposable.dsn(user, password))
-        await wait_for(lambda: pool.last_error, lambda e: e is not None, timeout=10)
+        await wait_until(lambda: pool.last_error, lambda e: e is not None, timeout=10)
         assert await port_of(pool) == pg_a.port
         await pg_disposable.start()
         # No further file event: the retry loop finds the server.
@@ -138,7 +132,7 @@ async def test_graceful_drain_lets_an_open_transaction_commit_on_the_old_server(
         finally:
             await admin.close()
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=2, max_size=4) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=4) as pool:
         conn = await pool.acquire()
         tx = conn.transaction()
         await tx.start()
@@ -152,7 +146,7 @@ async def test_graceful_drain_lets_an_open_transaction_commit_on_the_old_server(
         assert await conn.fetchval("SELECT inet_server_port()") == pg_a.port
         assert await backends(pg_a, user) >= 1
         await pool.release(conn)
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
         await pool.execute(f'INSERT INTO "{table}" VALUES (3)')
     for server, expected in ((pg_a, [1, 2]), (pg_b, [3])):
         admin = await server.admin()
@@ -169,11 +163,11 @@ async def test_drain_timeout_terminates_stragglers(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    url = url_for(dsn_file, drain_timeout="300ms")
+    url = watch_url(dsn_file, drain_timeout="300ms")
     async with aiohotload.create_pool(url, min_size=1, max_size=4) as pool:
         conn = await pool.acquire()
         slow = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(60)"))
-        await wait_for(
+        await wait_until(
             lambda: pg_a.backends(usename=user),
             lambda rows: any(
                 "pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows
@@ -185,7 +179,7 @@ async def test_drain_timeout_terminates_stragglers(
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
             await asyncio.wait_for(slow, timeout=10)
         # The query was cancelled on the server, not just abandoned by the client.
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
         await pool.release(conn)
         assert await port_of(pool) == pg_b.port
 
@@ -195,10 +189,10 @@ async def test_force_kill_stops_server_query(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    url = url_for(dsn_file, forceKill="true")
+    url = watch_url(dsn_file, forceKill="true")
     async with aiohotload.create_pool(url, min_size=1, max_size=4) as pool:
         slow = asyncio.ensure_future(pool.fetchval("SELECT pg_sleep(60)"))
-        await wait_for(
+        await wait_until(
             lambda: pg_a.backends(usename=user),
             lambda rows: any(
                 "pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows
@@ -212,7 +206,7 @@ async def test_force_kill_stops_server_query(
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
             await asyncio.wait_for(slow, timeout=10)
         assert loop.time() - started < 10
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
         assert await port_of(pool) == pg_b.port
 
 
@@ -222,7 +216,7 @@ async def test_server_dies_then_switch(
     user, password = await role(pg_disposable)
     await role(pg_b, name=user, password=password)
     write_dsn(dsn_file, pg_disposable.dsn(user, password))
-    url = url_for(dsn_file, drain_timeout="2s")
+    url = watch_url(dsn_file, drain_timeout="2s")
     async with aiohotload.create_pool(url, min_size=2, max_size=4) as pool:
         assert await port_of(pool) == pg_disposable.port
         await pg_disposable.stop("immediate")
@@ -262,13 +256,13 @@ async def test_no_failed_queries_across_many_swaps(
             except Exception as exc:
                 failures.append(exc)
 
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=2, max_size=8) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=8) as pool:
         tasks = [asyncio.ensure_future(worker(pool, n)) for n in range(36)]
         for i in range(1, 31):
             write_dsn(dsn_file, targets[i % len(targets)])
             assert await pool.wait_for_swap(timeout=10) == i
             target = done + 20
-            await wait_for(lambda target=target: done >= target, timeout=10)
+            await wait_until(lambda target=target: done >= target, timeout=10)
         stop.set()
         await asyncio.gather(*tasks)
     assert failures == []
@@ -283,22 +277,22 @@ async def test_close_leaves_no_server_connections_and_no_tasks(
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
     tasks_before = asyncio.all_tasks()
-    pool = await aiohotload.create_pool(url_for(dsn_file), min_size=3, max_size=6)
+    pool = await aiohotload.create_pool(watch_url(dsn_file), min_size=3, max_size=6)
     held = await pool.acquire()
     write_dsn(dsn_file, pg_b.dsn(user, password))
     await pool.wait_for_swap(timeout=10)
     assert await pool.fetchval("SELECT 1") == 1
     assert await backends(pg_a, user) >= 1 and await backends(pg_b, user) >= 1
     closing = asyncio.ensure_future(pool.close())
-    await wait_for(pool.is_closing, lambda c: c, timeout=5)
+    await wait_until(pool.is_closing, lambda c: c, timeout=5)
     with pytest.raises(asyncpg.InterfaceError):
         await pool.fetchval("SELECT 1")
     await pool.release(held)
     await asyncio.wait_for(closing, timeout=10)
     await pool.close()  # idempotent
     for server in (pg_a, pg_b):
-        await wait_for(lambda server=server: backends(server, user), lambda n: n == 0, timeout=10)
-    await wait_for(
+        await wait_until(lambda server=server: backends(server, user), lambda n: n == 0, timeout=10)
+    await wait_until(
         lambda: asyncio.all_tasks() - tasks_before - {asyncio.current_task()},
         lambda left: not left,
         timeout=5,
@@ -312,14 +306,14 @@ async def test_terminate_is_immediate_and_idempotent(
 ) -> None:
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    pool = await aiohotload.create_pool(url_for(dsn_file), min_size=2, max_size=2)
+    pool = await aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=2)
     conn = await pool.acquire()
     pool.terminate()
     pool.terminate()
     assert pool.is_closing()
     with pytest.raises(asyncpg.InterfaceError):
         await conn.fetchval("SELECT 1")
-    await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+    await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
     await pool.close()
 
 
@@ -328,7 +322,7 @@ async def test_release_returns_connection_to_its_own_pool_after_swap(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
         conns = [await pool.acquire() for _ in range(2)]
         write_dsn(dsn_file, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
@@ -339,7 +333,7 @@ async def test_release_returns_connection_to_its_own_pool_after_swap(
             await pool.release(conn)
             await pool.release(conn)  # a second release is a no-op, as in asyncpg
         await pool.release(new)
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
         assert pool.draining == 0
 
 
@@ -354,16 +348,16 @@ async def test_no_password_in_logs_errors_or_repr(
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
     seen: list[str] = []
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
         write_dsn(dsn_file, pg_b.kv_dsn(user, password + "-wrong"))
-        await wait_for(lambda: pool.last_error, lambda e: e is not None, timeout=10)
+        await wait_until(lambda: pool.last_error, lambda e: e is not None, timeout=10)
         seen += [str(pool.last_error), repr(pool.last_error), repr(pool), str(pool.target)]
         write_dsn(dsn_file, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         seen += [repr(pool), str(pool.target)]
     write_dsn(dsn_file, pg_a.dsn(user, password + "-wrong"))
     # Raised as asyncpg raises it (its text holds no password); last_error names the target.
-    failing = aiohotload.create_pool(url_for(dsn_file))
+    failing = aiohotload.create_pool(watch_url(dsn_file))
     with pytest.raises(asyncpg.InvalidPasswordError) as info:
         await failing
     seen += [str(info.value), repr(info.value), str(failing.last_error), repr(failing)]
@@ -381,15 +375,15 @@ async def test_bad_input_fails_fast_with_clear_errors(dsn_file: Path) -> None:
     with pytest.raises(aiohotload.UnknownDriverError, match="mysql"):
         aiohotload.create_pool(f"watchfiles://mysql{dsn_file}")
     with pytest.raises(aiohotload.SourceError, match=r"dsn\.txt"):
-        await asyncio.wait_for(aiohotload.create_pool(url_for(dsn_file)), timeout=5)
+        await asyncio.wait_for(aiohotload.create_pool(watch_url(dsn_file)), timeout=5)
     write_dsn(dsn_file, "postgresql://u@127.0.0.1:1/db")
     with pytest.raises(aiohotload.InvalidOptionError, match="debounse"):
-        await asyncio.wait_for(aiohotload.create_pool(url_for(dsn_file, debounse="5")), timeout=5)
+        await asyncio.wait_for(aiohotload.create_pool(watch_url(dsn_file, debounse="5")), timeout=5)
     with pytest.raises(aiohotload.InvalidOptionError, match="drain_timeout"):
-        aiohotload.create_pool(url_for(dsn_file, drain_timeout="soon"))
+        aiohotload.create_pool(watch_url(dsn_file, drain_timeout="soon"))
     # An unreachable server: the error asyncpg raises (here the connection refused, which
     # names the address); the pool's last_error names the DSN, redacted.
-    unreachable = aiohotload.create_pool(url_for(dsn_file))
+    unreachable = aiohotload.create_pool(watch_url(dsn_file))
     with pytest.raises(ConnectionRefusedError, match=r"127\.0\.0\.1"):
         await asyncio.wait_for(unreachable, timeout=15)
     assert "postgresql://u@127.0.0.1:1/db" in str(unreachable.last_error)
@@ -405,7 +399,7 @@ async def test_copy_and_executemany_follow_the_swap(
         await server.execute(f'GRANT ALL ON "{table}" TO "{user}"')
     write_dsn(dsn_file, pg_a.dsn(user, password))
     try:
-        async with aiohotload.create_pool(url_for(dsn_file), min_size=1, max_size=2) as pool:
+        async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
             await pool.copy_records_to_table(table, records=[(1, "a"), (2, "b")])
             write_dsn(dsn_file, pg_b.dsn(user, password))
             await pool.wait_for_swap(timeout=10)
@@ -433,14 +427,14 @@ async def test_draining_pool_does_not_reconnect_to_the_old_server(
     user, old_password = await role(pg_a)
     new_password = old_password + "-next"
     write_dsn(dsn_file, pg_a.dsn(user, old_password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=3, max_size=4) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=3, max_size=4) as pool:
         held = [await pool.acquire() for _ in range(2)]
         await pg_a.alter_password(user, new_password)
         write_dsn(dsn_file, pg_a.dsn(user, new_password))
         await pool.wait_for_swap(timeout=10)
         for conn in held:
             await pool.release(conn)
-        await wait_for(lambda: pool.draining, lambda n: n == 0, timeout=10)
+        await wait_until(lambda: pool.draining, lambda n: n == 0, timeout=10)
         assert await pool.fetchval("SELECT 1") == 1
     # asyncpg's min_size refill would have tried the rotated-away password and logged it.
     assert not [r for r in caplog.records if "floor" in r.getMessage() or r.exc_info]
@@ -470,7 +464,7 @@ async def test_a_pool_that_did_not_open_leaves_no_connection(
 
     write_dsn(dsn_file, pg_a.dsn(user, password))
     opening = asyncio.ensure_future(
-        aiohotload.create_pool(url_for(dsn_file), min_size=3, max_size=3, connect=connect)
+        aiohotload.create_pool(watch_url(dsn_file), min_size=3, max_size=3, connect=connect)
     )
     await asyncio.wait_for(second.wait(), 10)
     if outcome == "fails":
@@ -482,4 +476,4 @@ async def test_a_pool_that_did_not_open_leaves_no_connection(
             await opening
     assert len(made) == 1
     assert made[0].is_closed()
-    await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+    await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)

@@ -16,12 +16,18 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool, PoolDrained, ReloadFailed, ReloadStarted
+from aiohotload.testing import (
+    PgServer,
+    RoleFactory,
+    port_of,
+    url_dsn,
+    wait_until,
+    watch_url,
+    write_dsn,
+)
 
-from .conftest import RoleFactory
-from .faults import CONNECTION_ERRORS, EventLog, Load, port_of, url_for, write_dsn
-from .pgserver import PgServer, url_dsn
+from .faults import CONNECTION_ERRORS, EventLog, Load
 from .tcpproxy import TcpProxy
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +54,7 @@ async def test_current_server_goes_down_and_a_new_dsn_moves_the_pool_away(
     path = tmp_path / "dsn"
     write_dsn(path, pg_disposable.dsn(user, password))
     # drain_timeout far beyond the deadlines: the dead generation must drain on its own.
-    url = url_for(path, drain_timeout="60")
+    url = watch_url(path, drain_timeout="60")
     async with aiohotload.create_pool(url, min_size=2, max_size=4) as pool:
         log = EventLog(pool)
         async with Load(pool, workers=6, work=short_query) as load:
@@ -76,7 +82,7 @@ async def test_old_server_restarts_while_draining(
     await role(pg_b, name=user, password=password)
     path = tmp_path / "dsn"
     write_dsn(path, pg_disposable.dsn(user, password))
-    url = url_for(path, drain_timeout="60")
+    url = watch_url(path, drain_timeout="60")
     async with aiohotload.create_pool(url, min_size=2, max_size=4) as pool:
         log = EventLog(pool)
         held = await pool.acquire()
@@ -104,7 +110,7 @@ async def test_current_server_restarts_and_the_pool_reconnects_without_a_swap(
     user, password = await role(pg_disposable)
     path = tmp_path / "dsn"
     write_dsn(path, pg_disposable.dsn(user, password))
-    async with aiohotload.create_pool(url_for(path), min_size=2, max_size=4) as pool:
+    async with aiohotload.create_pool(watch_url(path), min_size=2, max_size=4) as pool:
         async with Load(pool, workers=4, work=short_query) as load:
             await load.progress()
             await pg_disposable.restart("fast")
@@ -115,7 +121,9 @@ async def test_current_server_restarts_and_the_pool_reconnects_without_a_swap(
     assert [e for e in load.failures if not isinstance(e, CONNECTION_ERRORS)] == []
     # Only queries from before the server was back failed (each at most once per connection).
     assert len(load.failed_since(restarted)) <= 4
-    await wait_for(lambda: pg_disposable.backends(usename=user), lambda rows: not rows, timeout=10)
+    await wait_until(
+        lambda: pg_disposable.backends(usename=user), lambda rows: not rows, timeout=10
+    )
 
 
 @pytest.mark.parametrize("missing", ["server", "role"])
@@ -134,7 +142,7 @@ async def test_new_dsn_that_works_only_later_is_picked_up_by_retry(
         await pg_disposable.stop("fast")
     path = tmp_path / "dsn"
     write_dsn(path, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(path), min_size=1, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(path), min_size=1, max_size=2) as pool:
         log = EventLog(pool)
         async with Load(pool) as load:
             write_dsn(path, pg_disposable.dsn(user, password))
@@ -164,14 +172,14 @@ async def test_new_server_dies_and_comes_back_while_the_pool_opens_on_it(
     write_dsn(path, pg_a.dsn(user, password))
     async with (
         TcpProxy(pg_disposable.host, pg_disposable.port) as proxy,
-        aiohotload.create_pool(url_for(path, connect_timeout="60"), min_size=2) as pool,
+        aiohotload.create_pool(watch_url(path, connect_timeout="60"), min_size=2) as pool,
         Load(pool) as load,
     ):
         log = EventLog(pool)
         proxy.mode = "blackhole"  # holds the attempt in the middle of connecting
         write_dsn(path, url_dsn("127.0.0.1", proxy.port, user, password))
         await log.wait(ReloadStarted)
-        await wait_for(lambda: proxy.accepted, lambda n: n >= 1, what="the attempt connecting")
+        await wait_until(lambda: proxy.accepted, lambda n: n >= 1, what="the attempt connecting")
         await pg_disposable.kill()
         proxy.mode = "pass"  # the attempt reaches a dead server: it fails, and is retried
         await log.wait(ReloadFailed)

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +26,9 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool, SwapDone
+from aiohotload.testing import PgServer, RoleFactory, wait_until, watch_url, write_dsn
 
-from .faults import no_new_tasks, url_for, write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from .faults import no_new_tasks
 
 SECONDS = float(os.environ.get("AIOHOTLOAD_SOAK_SECONDS", "60"))
 WORKERS = 24
@@ -37,7 +36,6 @@ ROUNDS = 6  # memory is sampled at the end of each
 
 pytestmark = pytest.mark.timeout(SECONDS + 120)
 
-RoleFactory = Callable[..., Awaitable[tuple[str, str]]]
 _PORT = re.compile(r"@[^/@]*:(\d+)/")
 
 
@@ -186,7 +184,7 @@ async def test_soak_swaps_under_load_lose_nothing_and_leak_nothing(
     memory: list[int] = []
     stop = asyncio.Event()
     try:
-        async with aiohotload.create_pool(url_for(path), min_size=4, max_size=12) as pool:
+        async with aiohotload.create_pool(watch_url(path), min_size=4, max_size=12) as pool:
             timeline = Timeline([(time.monotonic(), pg_a.port)])
             pool.add_listener(timeline.on_swap)
             workers = [
@@ -207,7 +205,7 @@ async def test_soak_swaps_under_load_lose_nothing_and_leak_nothing(
             stop.set()
             swaps = await swapper
             operations = sum(await asyncio.gather(*workers))
-            await wait_for(lambda: pool.draining, lambda n: n == 0, timeout=15)
+            await wait_until(lambda: pool.draining, lambda n: n == 0, timeout=15)
     finally:
         stop.set()
         tracemalloc.stop()
@@ -236,11 +234,11 @@ async def test_soak_swaps_under_load_lose_nothing_and_leak_nothing(
 
     # Nothing left behind.
     await no_new_tasks(tasks_before)
-    await wait_for(_open_fds, lambda n: n <= fds_before, what="file descriptors back")
-    await wait_for(threading.active_count, lambda n: n <= threads_before, what="threads back")
+    await wait_until(_open_fds, lambda n: n <= fds_before, what="file descriptors back")
+    await wait_until(threading.active_count, lambda n: n <= threads_before, what="threads back")
     for server in servers:
         for name, _ in users:
-            await wait_for(lambda s=server, u=name: s.backends(usename=u), lambda r: not r)
+            await wait_until(lambda s=server, u=name: s.backends(usename=u), lambda r: not r)
     # Flat memory: the later rounds hold no more than the first full round, give or take
     # 1 MiB of allocator and cache noise (a leak per swap would add ~30 KiB x hundreds).
     assert len(memory) == ROUNDS

