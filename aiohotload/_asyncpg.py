@@ -35,6 +35,7 @@ __all__ = [
     "cancel_request",
     "close_idle",
     "connection_of",
+    "disarm",
     "expire",
     "expire_at_release",
     "fast_acquire",
@@ -99,6 +100,21 @@ def expire(pool: object) -> None:
     """
     if isinstance(pool, asyncpg.Pool):
         pool._generation += 1  # type: ignore[attr-defined]
+
+
+def disarm(pool: object) -> None:
+    """Cancel the idle timers of a closed *pool*'s connection holders.
+
+    asyncpg arms a timer on each released holder (``max_inactive_connection_lifetime``, 300 s
+    by default) and cancels it when the holder's connection closes through the holder. A
+    holder whose expired connection was dropped for a reconnect that then failed (a retired
+    generation opens nothing) keeps its timer, and through it the whole pool, until it fires:
+    every swap would hold its old pool in memory for that long. ``_maybe_cancel_inactive_
+    callback()`` is the holder's own way to cancel it.
+    """
+    if isinstance(pool, asyncpg.Pool):
+        for holder in pool._holders:  # type: ignore[attr-defined]
+            holder._maybe_cancel_inactive_callback()
 
 
 def stop_refilling(pool: object) -> None:

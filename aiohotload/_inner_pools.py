@@ -133,6 +133,7 @@ class InnerPools:
         """Close an idle pool gracefully."""
         if not self.forked:
             await gen.pool.close()
+            _asyncpg.disarm(gen.pool)
 
     async def kill(self, gen: Inner) -> int:
         """Cancel on the server what *gen*'s checked-out connections run, then terminate it;
@@ -163,3 +164,4 @@ class InnerPools:
         if pool is not None:
             with contextlib.suppress(asyncpg.InterfaceError):  # never initialised
                 pool.terminate()
+            _asyncpg.disarm(pool)

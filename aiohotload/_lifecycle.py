@@ -222,7 +222,9 @@ class Lifecycle(Generic[G]):
         self._state = _State.CLOSED
         for gen in [self.current, *self.retired]:
             if gen is not None:
-                self._ops.terminate(gen)
+                # RuntimeError: the loop is closed; its sockets went with it.
+                with contextlib.suppress(RuntimeError):
+                    self._ops.terminate(gen)
                 self._release(gen)
         self.current = None
         self.retired.clear()

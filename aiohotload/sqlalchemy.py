@@ -41,7 +41,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sqlalchemy_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
@@ -104,6 +104,7 @@ class _EngineOps:
             raise HotloadError("engine was garbage-collected")
         gen = _EngineGeneration(dsn, engine._login_refused)
         token = _VALIDATING.set(gen)
+        dialect = engine.sync_engine.dialect
         try:
             pool = engine.sync_engine.pool.recreate()
             try:
@@ -111,6 +112,11 @@ class _EngineOps:
                 await greenlet_spawn(connection.close)
             finally:
                 await greenlet_spawn(pool.dispose)
+        except dialect.loaded_dbapi.Error as exc:
+            # As an engine's first connect raises it: wrapped in SQLAlchemy's DBAPIError.
+            raise DBAPIError.instance(
+                None, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+            ) from exc
         finally:
             _VALIDATING.reset(token)
         gen.out.clear()

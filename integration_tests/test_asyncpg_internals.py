@@ -167,3 +167,31 @@ def test_non_asyncpg_pools_are_left_alone() -> None:
     _asyncpg.stop_refilling(other)
     _asyncpg.expire(other)
     _asyncpg.expire_at_release(other)
+
+
+async def test_disarm_cancels_the_idle_timer_a_failed_reconnect_leaves(dsn: str) -> None:
+    """asyncpg keeps a released holder's idle timer (and through it the pool) when the
+    holder's expired connection is dropped for a reconnect that fails; disarm() cancels it."""
+    refuse = False
+
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        if refuse:
+            raise ConnectionRefusedError("refused by the test")
+        con: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+        return con
+
+    made = await asyncpg.create_pool(dsn, min_size=1, max_size=1, connect=connect)
+    try:
+        async with made.acquire():
+            pass  # released: its idle timer is armed
+        holder: Any = made._holders[0]  # type: ignore[attr-defined]
+        assert holder._inactive_callback is not None
+        _asyncpg.expire(made)
+        refuse = True
+        with pytest.raises(ConnectionRefusedError):
+            await made.acquire()
+        assert holder._con is None and holder._inactive_callback is not None
+        _asyncpg.disarm(made)
+        assert holder._inactive_callback is None
+    finally:
+        made.terminate()
