@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 import aiohotload  # noqa: E402
 from aiohotload import SwapDone  # noqa: E402
-from aiohotload.testing import PgServer  # noqa: E402
 from aiohotload.strategies import register_strategy, strategy_names  # noqa: E402
 from aiohotload.strategies.vault import VaultStrategy  # noqa: E402
+from aiohotload.testing import PgServer  # noqa: E402
 from integration_tests.bao_server import BaoServer, find_bao  # noqa: E402
 
 ROLE = "bench"
