@@ -66,7 +66,6 @@ class InnerPools:
         """Passed to every connection of later generations (``set_connect_args``)."""
         self._lifetime = lifetime
         self.on_login_refused: Callable[[Generation], None] = lambda gen: None
-        self.forked = False  # inherited by a forked child: touch nothing of the parent's
 
     async def open(self, dsn: str) -> Inner:
         """Open an inner pool on *dsn* and prove it: acquire and release one connection, so
@@ -106,8 +105,6 @@ class InnerPools:
     def retire(self, gen: Inner) -> None:
         """Open nothing more for *gen*; move its waiting callers on; its connections close
         as they are released."""
-        if self.forked:
-            return
         if gen.users == 0:
             gen.idle.set()
         if gen.connector is not None:
@@ -120,8 +117,6 @@ class InnerPools:
 
     async def wait_idle(self, gen: Inner) -> None:
         """Close *gen*'s idle connections now, then wait for the callers still using it."""
-        if self.forked:
-            return
         if not isinstance(gen.pool, asyncpg.Pool):
             await gen.pool.expire_connections()
         closing = _asyncpg.close_idle(gen.pool, _CLOSE_TIMEOUT)
@@ -131,15 +126,12 @@ class InnerPools:
 
     async def close(self, gen: Inner) -> None:
         """Close an idle pool gracefully."""
-        if not self.forked:
-            await gen.pool.close()
-            _asyncpg.disarm(gen.pool)
+        await gen.pool.close()
+        _asyncpg.disarm(gen.pool)
 
     async def kill(self, gen: Inner) -> int:
         """Cancel on the server what *gen*'s checked-out connections run, then terminate it;
         returns how many cancel requests were sent."""
-        if self.forked:
-            return 0
         # Before the cancel requests: callers waiting on a new connection to the old server
         # move on now.
         if gen.connector is not None:
@@ -150,8 +142,7 @@ class InnerPools:
 
     def terminate(self, gen: Inner) -> None:
         """Terminate *gen* at once."""
-        if not self.forked:
-            self._stop(gen, gen.pool)
+        self._stop(gen, gen.pool)
 
     def _stop(self, gen: Inner, pool: Any) -> None:
         connections = set(_asyncpg.all_connections(pool))

@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
-from typing import Generic, Protocol, TypeVar
+import weakref
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -133,6 +135,7 @@ class Lifecycle(Generic[G]):
         self._next_swap: asyncio.Future[int] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._disowned: str | None = None  # why, once inherited by a forked child
+        _live.add(self)
 
     # ------------------------------------------------------------------ state
 
@@ -237,8 +240,9 @@ class Lifecycle(Generic[G]):
         self._finish()
 
     def disown(self, reason: str) -> None:
-        """Drop every generation without touching it (a forked child must not close its
-        parent's connections) and refuse all use with *reason*. Needs no running loop."""
+        """Drop every generation without touching it and refuse all use with *reason*: what a
+        forked child does with what it inherited (see :func:`_disown_after_fork`). Needs no
+        running loop."""
         self._disowned = reason
         self._state = _State.CLOSED
         self.current = None
@@ -419,3 +423,24 @@ class Lifecycle(Generic[G]):
                 terminated=terminated,
             )
         self._events.emit(event)
+
+
+# Every lifecycle of this process, for a forked child to disown.
+_live: weakref.WeakSet[Lifecycle[Any]] = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    """In a forked child (gunicorn ``--preload``, ``multiprocessing`` with fork): the pools and
+    engines inherited from the parent share its connections. Using them, draining them at a
+    swap or closing them (a graceful close ends the session on the server) would break the
+    parent's sessions, so they are disowned: nothing is closed, and the first use fails with
+    :class:`~aiohotload.PoolClosedError` saying to open a new pool in the child."""
+    for lifecycle in list(_live):
+        lifecycle.disown(
+            "pool was inherited from its parent process by fork(); create a new pool in "
+            "the child process"
+        )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_after_fork)

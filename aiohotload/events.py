@@ -100,6 +100,26 @@ class ForceKillDone(_Base):
 Event = ReloadStarted | SwapDone | ReloadFailed | PoolDrained | ForceKillDone
 
 
+class _Mailbox:
+    """The events waiting for one :class:`EventStream`: filled by the hub, emptied by the
+    stream."""
+
+    __slots__ = ("ended", "events", "ready")
+
+    def __init__(self, max_queued: int) -> None:
+        self.events: collections.deque[Event] = collections.deque(maxlen=max_queued)
+        self.ready = asyncio.Event()
+        self.ended = False
+
+    def put(self, event: Event) -> None:
+        self.events.append(event)
+        self.ready.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self.ready.set()
+
+
 class EventHub:
     """The listeners of one pool or engine, and the event streams following it.
 
@@ -108,11 +128,11 @@ class EventHub:
     is attached. A listener that raises is logged and never affects the owner.
     """
 
-    __slots__ = ("_closed", "_listeners", "_strays", "_streams", "_task_group")
+    __slots__ = ("_closed", "_listeners", "_mailboxes", "_strays", "_task_group")
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[Event], object]] = []
-        self._streams: set[EventStream] = set()
+        self._mailboxes: set[_Mailbox] = set()
         self._task_group: TaskGroup | None = None
         self._strays: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -128,16 +148,16 @@ class EventHub:
 
     def stream(self, max_queued: int) -> EventStream:
         """A new :class:`EventStream` of the events from now on."""
-        stream = EventStream(self, max_queued)
-        self._streams.add(stream)
+        mailbox = _Mailbox(max_queued)
+        self._mailboxes.add(mailbox)
         if self._closed:
-            stream._end()
-        return stream
+            mailbox.end()
+        return EventStream(mailbox, lambda: self._mailboxes.discard(mailbox))
 
     def emit(self, event: Event) -> None:
         """Deliver *event* to every listener and stream."""
-        for stream in list(self._streams):
-            stream._push(event)
+        for mailbox in list(self._mailboxes):
+            mailbox.put(event)
         for callback in list(self._listeners):
             try:
                 result = callback(event)
@@ -157,11 +177,8 @@ class EventHub:
     def close(self) -> None:
         """End every stream once it has handed out what it holds."""
         self._closed = True
-        for stream in list(self._streams):
-            stream._end()
-
-    def _forget(self, stream: EventStream) -> None:
-        self._streams.discard(stream)
+        for mailbox in list(self._mailboxes):
+            mailbox.end()
 
     def _spawn(self, awaitable: Awaitable[object]) -> None:
         if self._task_group is not None:
@@ -179,37 +196,28 @@ class EventStream:
     A consumer that falls more than *max_queued* events behind loses the oldest ones.
     """
 
-    __slots__ = ("_ended", "_hub", "_queue", "_ready")
+    __slots__ = ("_mailbox", "_unsubscribe")
 
-    def __init__(self, hub: EventHub, max_queued: int) -> None:
-        self._hub = hub
-        self._queue: collections.deque[Event] = collections.deque(maxlen=max_queued)
-        self._ready = asyncio.Event()
-        self._ended = False
-
-    def _push(self, event: Event) -> None:
-        self._queue.append(event)
-        self._ready.set()
-
-    def _end(self) -> None:
-        self._ended = True
-        self._ready.set()
+    def __init__(self, mailbox: _Mailbox, unsubscribe: Callable[[], None]) -> None:
+        self._mailbox = mailbox
+        self._unsubscribe = unsubscribe
 
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        while not self._queue:
-            if self._ended:
+        mailbox = self._mailbox
+        while not mailbox.events:
+            if mailbox.ended:
                 await self.aclose()
                 raise StopAsyncIteration
-            self._ready.clear()
-            await self._ready.wait()
-        return self._queue.popleft()
+            mailbox.ready.clear()
+            await mailbox.ready.wait()
+        return mailbox.events.popleft()
 
     async def aclose(self) -> None:
         """Unsubscribe."""
-        self._hub._forget(self)
+        self._unsubscribe()
 
 
 async def _run_listener(awaitable: Awaitable[object]) -> None:

@@ -1,26 +1,23 @@
 """HotPool: an :class:`asyncpg.Pool` whose DSN is reloaded live.
 
-HotPool is the asyncpg-compatible front; the swap machinery is the generation lifecycle
-(``_lifecycle.py``) and the inner asyncpg pools it drives are in ``_inner_pools.py``. Every
-checkout goes through :meth:`HotPool._checkout`, every release through
-:meth:`HotPool._checkin`.
+HotPool is the asyncpg-compatible front. The swap machinery is the generation lifecycle
+(``_lifecycle.py``), the inner asyncpg pools it drives are in ``_inner_pools.py``, and every
+connection handed out and given back goes through ``_checkout.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import warnings
-import weakref
-from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import asyncpg
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
-from . import _asyncpg
-from ._inner_pools import Inner, InnerPools, Retired
+from ._checkout import Checkout, Checkouts
+from ._inner_pools import Inner, InnerPools
 from ._lifecycle import Lifecycle
 from .drivers import asyncpg_driver, get_driver
 from .errors import HotloadError, InvalidOptionError
@@ -62,25 +59,6 @@ _POOL_ARGUMENTS = frozenset(
     }
 )
 _DEFAULT_SIZE = 10
-# Bound on closing a released connection of a retired pool (its server may have gone silent).
-_RELEASE_TIMEOUT = 5.0
-# Why an acquire on a retired generation failed when a newer one can serve the caller.
-_MOVE_ON = (Retired, asyncpg.InterfaceError, asyncpg.PostgresError, OSError)
-# What asyncpg raises when a query starts on a connection that was just cut off under it:
-# see _broken_mid_query.
-_BROKEN_MID_QUERY = (AttributeError, asyncpg.InternalClientError)
-# What a release raises when the connection turned out to be broken: asyncpg has terminated
-# it and given its slot back by then, so the pool is in order and the caller's work is done.
-_RELEASE_ERRORS = (
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # e.g. the old pool was terminated mid-release
-    asyncpg.PostgresError,
-    OSError,
-    asyncio.TimeoutError,
-)
-
-# Pools of this process, so a forked child can disown them (see _disown_after_fork).
-_live: weakref.WeakSet[HotPool] = weakref.WeakSet()
 
 
 class HotPool(_PoolBase):
@@ -108,15 +86,13 @@ class HotPool(_PoolBase):
             pool_args.get("max_size", _DEFAULT_SIZE),
             pool_args.get("init_size", pool_args.get("min_size", _DEFAULT_SIZE)),
         )
-        self._lifetimes = lifetime is not None
         self._inner = InnerPools(driver, pool_args, connect_args, lifetime)
         self._lc: Lifecycle[Inner] = Lifecycle(
             self._url, self._inner, self._events, name=self._name, action="open a pool on"
         )
         self._inner.on_login_refused = self._lc.login_refused
-        # Connections handed out by acquire(), with their generation, for release().
-        self._owners: dict[_Proxy, Inner] = {}
-        _live.add(self)
+        self._checkouts = Checkouts(self._lc)
+        self._checkouts.lifetimes = lifetime is not None
 
     # ------------------------------------------------------------------ open and close
 
@@ -166,67 +142,9 @@ class HotPool(_PoolBase):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
             lc.terminate()
 
-    # ------------------------------------------------------------------ checkout and checkin
-
-    async def _checkout(self, timeout: float | None) -> tuple[_Proxy, Inner]:
-        """A connection of the current generation. A caller whose generation is retired
-        while it waits moves to the new one, with what is left of its *timeout*."""
-        deadline = None
-        while True:
-            gen = self._lc.current
-            if gen is None:
-                raise self._lc.unusable()
-            if timeout is not None:
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + timeout if deadline is None else deadline
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    raise asyncio.TimeoutError
-            gen.users += 1
-            try:
-                con = await gen.acquire(timeout)
-            except BaseException as exc:
-                gen.leave()
-                if gen.retired and self._lc.current is not None and isinstance(exc, _MOVE_ON):
-                    continue
-                raise
-            if not gen.retired:
-                return con, gen
-            # Handed out just as its generation was retired: nobody may use it after the swap.
-            await self._release_retired(con, gen, None)
-
-    def _checkin(self, con: _Proxy, gen: Inner, timeout: float | None) -> Awaitable[None]:
-        """Release *con* to *gen*'s pool; returns the awaitable release."""
-        if gen.retired:
-            return self._release_retired(con, gen, timeout)
-        # Counting the caller out before the release completes is safe: a drain only closes
-        # the pool once this count is 0, and asyncpg's close() waits for in-flight releases.
-        gen.users -= 1
-        if self._lifetimes:
-            _expire_if_old(con, gen)
-        return gen.pool.release(con, timeout=timeout)  # type: ignore[no-any-return]
-
-    async def _release_retired(self, con: _Proxy, gen: Inner, timeout: float | None) -> None:
-        # The connection belongs to a pool being discarded: asyncpg closes it (it was
-        # expired), bounded so a silent old server cannot hang the caller, and a failure to
-        # close it cleanly is not the caller's problem.
-        try:
-            await gen.pool.release(con, timeout=_RELEASE_TIMEOUT if timeout is None else timeout)
-        except _RELEASE_ERRORS as exc:
-            logger.debug(
-                "closing a connection of generation %d failed: %s", gen.number, type(exc).__name__
-            )
-        finally:
-            gen.leave()
-
     def acquire(self, *, timeout: float | None = None) -> _ContextBase:
         """Acquire a connection from the current inner pool (``await`` or ``async with``)."""
-        return _Checkout(self, timeout, owned=True)
-
-    async def _acquire(self, timeout: float | None) -> _Proxy:
-        con, gen = await self._checkout(timeout)
-        self._owners[con] = gen
-        return con
+        return Checkout(self, self._checkouts, timeout, owned=True)
 
     async def release(self, connection: _Proxy, *, timeout: float | None = None) -> None:
         """Release *connection* to the inner pool it came from, also after a swap.
@@ -236,28 +154,11 @@ class HotPool(_PoolBase):
         raised (the caller's work on it is done). Releasing to a retired generation closes
         the connection and never raises.
         """
-        gen = self._owners.pop(connection, None)
-        if gen is None:
-            if isinstance(connection, PoolConnectionProxy) and (
-                _asyncpg.connection_of(connection) is None
-            ):
-                return  # already released, as asyncpg allows
-            raise asyncpg.InterfaceError(
-                f"HotPool.release() received invalid connection: {connection!r} "
-                "is not a member of this pool"
-            )
-        retired = gen.retired
-        try:
-            await self._checkin(connection, gen, timeout)
-        except asyncio.TimeoutError:
-            if not retired:
-                raise
-        except _RELEASE_ERRORS as exc:
-            _release_failed(gen, exc)
+        await self._checkouts.release(connection, timeout)
 
-    def _use(self) -> _Checkout:
+    def _use(self) -> Checkout:
         """A connection for one query method (``async with self._use() as con``)."""
-        return _Checkout(self, None, owned=False)
+        return Checkout(self, self._checkouts, None, owned=False)
 
     # ------------------------------------------------------------------ queries
 
@@ -635,49 +536,6 @@ class HotPool(_PoolBase):
         )
 
 
-class _Checkout(_ContextBase):
-    """What :meth:`HotPool.acquire` returns (awaitable, or an async context manager), and
-    how each query method holds its connection."""
-
-    __slots__ = ("gen", "owned")
-
-    def __init__(self, pool: HotPool, timeout: float | None, *, owned: bool) -> None:
-        self.pool: HotPool = pool
-        self.timeout = timeout
-        self.connection: _Proxy | None = None
-        self.done = False
-        self.gen: Inner | None = None
-        self.owned = owned  # acquire(): release() may be called on it inside the block
-
-    async def __aenter__(self) -> _Proxy:
-        if self.connection is not None or self.done:
-            raise asyncpg.InterfaceError("a connection is already acquired")
-        con, self.gen = await self.pool._checkout(self.timeout)
-        if self.owned:
-            self.pool._owners[con] = self.gen
-        self.connection = con
-        return con
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.done = True
-        con, self.connection = self.connection, None
-        gen, self.gen = self.gen, None
-        if con is None or gen is None:
-            return
-        if self.owned and self.pool._owners.pop(con, None) is None:
-            return  # released inside the block already
-        try:
-            await self.pool._checkin(con, gen, None)
-        except _RELEASE_ERRORS as failure:
-            _release_failed(gen, failure)
-        if isinstance(exc[1], _BROKEN_MID_QUERY):
-            raise _broken_mid_query(con, exc[1]) from None
-
-    def __await__(self) -> Generator[Any, None, _Proxy]:
-        self.done = True
-        return self.pool._acquire(self.timeout).__await__()
-
-
 def create_pool(url: str, *, name: str | None = None, **pool_kwargs: Any) -> HotPool:
     """Create a :class:`HotPool` from a hotload URL; ``await`` it or use ``async with``.
 
@@ -722,62 +580,3 @@ def _check_asyncpg_arguments(pool_args: dict[str, Any]) -> None:
     except RuntimeError:
         return
     asyncpg.create_pool(**pool_args)  # makes no connection until awaited
-
-
-def _expire_if_old(con: _Proxy, gen: Inner) -> None:
-    """Close *con* at this release if its lifetime is over (``max_lifetime``)."""
-    connector = gen.connector
-    raw = _asyncpg.connection_of(con)
-    if connector is None or raw is None:
-        return
-    deadline = connector.deadlines.get(raw)
-    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-        _asyncpg.expire_at_release(con)
-
-
-def _release_failed(gen: Inner, exc: BaseException) -> None:
-    """asyncpg resets a released connection. If the server dropped it meanwhile (shutdown,
-    pg_terminate_backend, a cut network) the reset fails, asyncpg terminates it and raises.
-    Raising that to the caller would report a query that succeeded (a committed write, then
-    retried) as failed, or hide the query's own error: log it instead."""
-    logger.debug(
-        "releasing a connection of generation %d failed: %s", gen.number, type(exc).__name__
-    )
-
-
-def _broken_mid_query(con: _Proxy, exc: BaseException) -> BaseException:
-    """Report as the connection error it is what asyncpg raises when a query starts on a
-    connection that was just cut off: ``AttributeError: 'NoneType' object has no attribute
-    ...`` when we terminated it (force kill, drain timeout), and ``InternalClientError: cannot
-    switch to state ...; another operation (2) is in progress`` when the server ended the
-    session while it sat idle (shutdown, pg_terminate_backend), before its socket closed.
-    State 2 is asyncpg's "consuming an error": an error no operation asked for."""
-    if isinstance(exc, asyncpg.InternalClientError):
-        if "another operation (2) is in progress" in str(exc):
-            return asyncpg.ConnectionDoesNotExistError(
-                "connection was closed by the server in the middle of operation"
-            )
-        return exc
-    raw = _asyncpg.connection_of(con)
-    if raw is None or raw.is_closed():
-        return asyncpg.ConnectionDoesNotExistError(
-            "connection was closed in the middle of operation"
-        )
-    return exc
-
-
-def _disown_after_fork() -> None:
-    """In a forked child: the pools inherited from the parent share its connections. Using
-    them, or draining them at a swap, would break the parent's sessions, so they are disowned:
-    nothing is closed (a graceful close would end the parent's session on the server) and the
-    first use fails clearly."""
-    for pool in list(_live):
-        pool._inner.forked = True
-        pool._lc.disown(
-            "pool was inherited from its parent process by fork(); create a new pool in "
-            "the child process"
-        )
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_disown_after_fork)

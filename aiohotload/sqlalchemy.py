@@ -95,6 +95,8 @@ class _EngineOps:
 
     def __init__(self, engine: HotEngine) -> None:
         self._engine = weakref.ref(engine)
+        self.on_login_refused: Callable[[Generation], None] = lambda gen: None
+        """Told when a connection's login is refused (the current lifecycle's)."""
 
     async def open(self, dsn: str) -> _EngineGeneration:
         """Validate *dsn* with one connection made as the engine makes them: through a copy
@@ -102,7 +104,7 @@ class _EngineOps:
         engine = self._engine()
         if engine is None:
             raise HotloadError("engine was garbage-collected")
-        gen = _EngineGeneration(dsn, engine._login_refused)
+        gen = _EngineGeneration(dsn, self.on_login_refused)
         token = _VALIDATING.set(gen)
         dialect = engine.sync_engine.dialect
         try:
@@ -284,6 +286,7 @@ class HotEngine(AsyncEngine):
             first_number=first,
         )
         self._lc = lc
+        self._ops.on_login_refused = lc.login_refused
         self._disposed = False
         self._events.open()
         gen = await lc.start()
@@ -318,10 +321,6 @@ class HotEngine(AsyncEngine):
                 raise
         self._made[conn] = gen
         return conn
-
-    def _login_refused(self, gen: Generation) -> None:
-        if self._lc is not None:
-            self._lc.login_refused(gen)
 
     def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         conn = record.driver_connection

@@ -202,22 +202,20 @@ class PgServer:
                 "an existing server must be named by a URL DSN with a TCP host, "
                 "like postgresql://postgres:secret@127.0.0.1:5433/postgres"
             )
-        server = cls.__new__(cls)
-        server._external_dsn = dsn
-        server.directory = Path(os.devnull)
-        server.template = None
-        server.install = None
+        server = cls(Path(os.devnull), password=unquote(parts.password or ""))
+        server.adopt(dsn, parts.hostname, parts.port or 5432)
         server.superuser = unquote(parts.username or "postgres")
-        server.password = unquote(parts.password or "")
         server.settings = {}
         server.log_path = Path(os.devnull)
-        server.host = parts.hostname
-        server._port = parts.port or 5432
-        server._proc = None
-        server._log_offset = 0
-        server._user = None
-        server._fixed_port = True
         return server
+
+    def adopt(self, dsn: str, host: str, port: int) -> None:
+        """Make this object stand for the server someone else runs at *dsn* (see
+        :meth:`existing`)."""
+        self._external_dsn = dsn
+        self.host = host
+        self._port = port
+        self._fixed_port = True
 
     def __repr__(self) -> str:
         where = "existing" if self.is_external else str(self.directory)
