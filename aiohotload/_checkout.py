@@ -98,8 +98,26 @@ class Checkouts:
         # the pool once this count is 0, and asyncpg's close() waits for in-flight releases.
         gen.users -= 1
         if self.lifetimes:
-            _expire_if_old(con, gen)
+            self._expire_if_old(con, gen)
         return gen.pool.release(con, timeout=timeout)  # type: ignore[no-any-return]
+
+    def _expire_if_old(self, con: Proxy, gen: Inner) -> None:
+        """Close *con* at this release if its lifetime is over (``max_lifetime``)."""
+        raw = _asyncpg.connection_of(con)
+        lifetime = gen.connector.lifetimes.get(raw) if gen.connector and raw else None
+        if lifetime is None:
+            return
+        now = asyncio.get_running_loop().time()
+        born, deadline = lifetime
+        if now >= deadline:
+            _asyncpg.expire_at_release(con)
+            self._lc.connection_expired(gen, now - born)
+
+    def query_failed(self, gen: Inner, exc: BaseException) -> None:
+        """A caller's work on *gen* raised *exc*: a server that refuses writes is a sign of a
+        failover."""
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+            self._lc.not_writable(gen, "a query failed with 25006 read_only_sql_transaction")
 
     async def give_back_retired(self, con: Proxy, gen: Inner, timeout: float | None) -> None:
         """Release *con* to a retired generation: asyncpg closes it (it was expired), bounded
@@ -172,23 +190,15 @@ class Checkout(_ContextBase):
             await self.checkouts.give_back(con, gen, None)
         except _RELEASE_ERRORS as failure:
             _release_failed(gen, failure)
-        if isinstance(exc[1], _BROKEN_MID_QUERY):
-            raise _broken_mid_query(con, exc[1]) from None
+        error = exc[1]
+        if isinstance(error, BaseException):
+            self.checkouts.query_failed(gen, error)
+            if isinstance(error, _BROKEN_MID_QUERY):
+                raise _broken_mid_query(con, error) from None
 
     def __await__(self) -> Generator[Any, None, Proxy]:
         self.done = True
         return self.checkouts.take_owned(self.timeout).__await__()
-
-
-def _expire_if_old(con: Proxy, gen: Inner) -> None:
-    """Close *con* at this release if its lifetime is over (``max_lifetime``)."""
-    connector = gen.connector
-    raw = _asyncpg.connection_of(con)
-    if connector is None or raw is None:
-        return
-    deadline = connector.deadlines.get(raw)
-    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-        _asyncpg.expire_at_release(con)
 
 
 def _release_failed(gen: Inner, exc: BaseException) -> None:

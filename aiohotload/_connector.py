@@ -44,18 +44,21 @@ def refused_login(exc: BaseException) -> bool:
 
 class Connector:
     """``connect=`` for one inner pool: *connect* (``asyncpg.connect`` or the user's own),
-    until :meth:`stop`."""
+    until :meth:`stop`. *on_refused* is called when the server refuses a login,
+    *on_not_writable* when asyncpg finds the server does not take writes
+    (``target_session_attrs=read-write``: a standby, a demoted primary)."""
 
     __slots__ = (
         "_connect",
         "_lifetime",
+        "_on_not_writable",
         "_on_refused",
         "_refusals",
         "_refused",
         "_retry_at",
         "_stop",
         "_stopped",
-        "deadlines",
+        "lifetimes",
         "made",
     )
 
@@ -64,22 +67,25 @@ class Connector:
         connect: Callable[..., Awaitable[asyncpg.Connection]],
         on_refused: Callable[[], None],
         lifetime: tuple[float, float] | None = None,
+        on_not_writable: Callable[[], None] = lambda: None,
     ) -> None:
         self._connect = connect
         self._on_refused = on_refused
+        self._on_not_writable = on_not_writable
         self._lifetime = lifetime  # (max_lifetime, jitter fraction)
         self._stopped = False
         self._stop: asyncio.Future[None] | None = None  # made on first use, in the loop
         self._refused: BaseException | None = None  # the server's last refusal, if any
         self._refusals = 0  # in a row
         self._retry_at = 0.0  # loop.time() before which logins are refused here
-        self.deadlines: weakref.WeakKeyDictionary[asyncpg.Connection, float] = (
+        self.lifetimes: weakref.WeakKeyDictionary[asyncpg.Connection, tuple[float, float]] = (
             weakref.WeakKeyDictionary()
         )
+        """When each connection was opened and when its lifetime ends (``loop.time()``),
+        with a ``max_lifetime``."""
         self.made: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
         """Every connection made and not yet collected (closed with a pool that failed to
         open: asyncpg before 0.32 leaves them open)."""
-        """When each connection's lifetime ends (``loop.time()``), with a ``max_lifetime``."""
 
     def stop(self) -> None:
         """Abandon the connections being opened and open no more. Needs no running loop."""
@@ -93,11 +99,7 @@ class Connector:
         if self._stopped:
             raise asyncpg.InterfaceError("pool is closing: no new connections")
         loop = asyncio.get_running_loop()
-        if self._refused is not None:
-            if loop.time() < self._retry_at:
-                raise _copy(self._refused)
-            # One attempt goes through; the others keep failing fast until it is answered.
-            self._retry_at = loop.time() + _REFUSED_PAUSE.delay(self._refusals + 1)
+        self._hold_back_after_refusal(loop.time())
         if self._stop is None:
             self._stop = loop.create_future()
         # A task of its own, so stop() can abandon it without cancelling the caller.
@@ -115,21 +117,38 @@ class Connector:
         try:
             con = opening.result()
         except Exception as exc:
-            if refused_login(exc):
-                self._refusals += 1
-                self._refused = exc
-                self._retry_at = loop.time() + _REFUSED_PAUSE.delay(self._refusals)
-                self._on_refused()
+            self._failed(exc, loop.time())
             raise
         self._refused, self._refusals = None, 0
-        if not isinstance(con, asyncpg.Connection):
-            return con  # the user's connect= returned something else: asyncpg says what
+        if isinstance(con, asyncpg.Connection):  # else the user's connect=: asyncpg says so
+            self._track(con, loop.time())
+        return con
+
+    def _hold_back_after_refusal(self, now: float) -> None:
+        """Raise the server's last refusal again, without asking it, until the pause after
+        it ends; then let one attempt through (the others keep failing fast until it is
+        answered)."""
+        if self._refused is None:
+            return
+        if now < self._retry_at:
+            raise _copy(self._refused)
+        self._retry_at = now + _REFUSED_PAUSE.delay(self._refusals + 1)
+
+    def _failed(self, exc: Exception, now: float) -> None:
+        if refused_login(exc):
+            self._refusals += 1
+            self._refused = exc
+            self._retry_at = now + _REFUSED_PAUSE.delay(self._refusals)
+            self._on_refused()
+        elif isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+            self._on_not_writable()
+
+    def _track(self, con: asyncpg.Connection, now: float) -> None:
         self.made.add(con)
         if self._lifetime is not None:
             lifetime, jitter = self._lifetime
             # Spread so connections opened together are not all replaced together.
-            self.deadlines[con] = loop.time() + lifetime * (1.0 - jitter * random.random())
-        return con
+            self.lifetimes[con] = (now, now + lifetime * (1.0 - jitter * random.random()))
 
 
 def abandon(opening: asyncio.Future[asyncpg.Connection]) -> None:

@@ -16,12 +16,14 @@ from . import _asyncpg
 from ._connector import Connector
 from ._lifecycle import Generation
 from .drivers import Driver, asyncpg_driver
-from .dsn import as_url
+from .dsn import as_url, writable_only
 
 __all__ = ["Inner", "InnerPools", "Retired"]
 
 logger = logging.getLogger("aiohotload")
 
+# How a new connection shows that its server does not take writes.
+_NOT_WRITABLE = "a new connection found a server that does not take writes"
 # Bound on closing an idle connection of a retired pool (its server may have gone silent).
 _CLOSE_TIMEOUT = 5.0
 
@@ -59,13 +61,17 @@ class InnerPools:
         pool_kwargs: dict[str, Any],
         connect_kwargs: dict[str, Any],
         lifetime: tuple[float, float] | None,
+        *,
+        follow_primary: bool = False,
     ) -> None:
         self._driver = driver
         self._pool_kwargs = pool_kwargs
         self.connect_kwargs = connect_kwargs
         """Passed to every connection of later generations (``set_connect_args``)."""
         self._lifetime = lifetime
+        self._follow_primary = follow_primary
         self.on_login_refused: Callable[[Generation], None] = lambda gen: None
+        self.on_not_writable: Callable[[Generation, str], None] = lambda gen, reason: None
 
     async def open(self, dsn: str) -> Inner:
         """Open an inner pool on *dsn* and prove it: acquire and release one connection, so
@@ -73,11 +79,14 @@ class InnerPools:
         connections will be, whatever ``min_size`` is."""
         gen = Inner(dsn)
         kwargs = {**self._pool_kwargs, **self.connect_kwargs}
+        if self._follow_primary:
+            writable_only(dsn, kwargs)
         if self._driver is asyncpg_driver:
             gen.connector = Connector(
                 kwargs.pop("connect", None) or asyncpg.connect,
                 lambda: self.on_login_refused(gen),
                 self._lifetime,
+                lambda: self.on_not_writable(gen, _NOT_WRITABLE),
             )
             kwargs["connect"] = gen.connector
         pool = None

@@ -30,8 +30,17 @@ from typing import Any, Generic, Protocol, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from .dsn import wants_primary
 from .errors import HotloadError, PoolClosedError
-from .events import EventHub, ForceKillDone, PoolDrained, SwapDone
+from .events import (
+    ConnectionExpired,
+    EventHub,
+    FailoverDetected,
+    ForceKillDone,
+    PoolDrained,
+    RefreshRequested,
+    SwapDone,
+)
 from .redact import redact_dsn
 from .reloader import Reloader
 from .url import HotloadURL
@@ -334,12 +343,35 @@ class Lifecycle(Generic[G]):
     def login_refused(self, gen: Generation) -> None:
         """A connection for *gen* was refused at login: if it is current, ask the strategy
         to look again now (it may hold a newer password)."""
-        if gen is self.current:
-            self._reloader.request_refresh()
+        if gen is self.current and self._reloader.request_refresh():
+            self._events.emit(
+                RefreshRequested(self._name, generation=gen.number, reason="login refused")
+            )
 
-    def reopen(self, reason: str) -> None:
-        """Open the current DSN again and swap to it (see :meth:`Reloader.reopen`)."""
-        self._reloader.reopen(reason)
+    def not_writable(self, gen: Generation, reason: str) -> None:
+        """*gen*'s server does not take writes (*reason* says how it showed). With
+        ``follow_primary`` (or a DSN asking for ``target_session_attrs=read-write``), open
+        the same DSN again, which reaches the server that does once the name points to it,
+        and swap to it; meanwhile the current generation keeps serving."""
+        if gen is not self.current or not (self.url.follow_primary or wants_primary(gen.dsn)):
+            return
+        if self._reloader.reopen("failover"):
+            logger.warning(
+                "generation %d (%s) does not take writes (%s): opening it again to reach "
+                "the server that does",
+                gen.number,
+                gen.target,
+                reason,
+            )
+            self._events.emit(
+                FailoverDetected(
+                    self._name, generation=gen.number, target=gen.target, reason=reason
+                )
+            )
+
+    def connection_expired(self, gen: Generation, age: float) -> None:
+        """A connection of *gen* reached its ``max_lifetime`` and is closed at its release."""
+        self._events.emit(ConnectionExpired(self._name, generation=gen.number, age=age))
 
     # ------------------------------------------------------------------ retire and drain
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlencode, urlsplit
 
 from .errors import InvalidDSNError
 
-__all__ = ["as_url", "check_dsn", "is_key_value", "key_value_to_url", "parse_key_value"]
+__all__ = [
+    "as_url",
+    "check_dsn",
+    "is_key_value",
+    "key_value_to_url",
+    "parse_key_value",
+    "wants_primary",
+    "writable_only",
+]
 
 # libpq keywords that have a place in the URL itself; the rest become query parameters.
 _URL_PARTS = frozenset({"host", "hostaddr", "port", "user", "password", "dbname"})
@@ -442,3 +451,25 @@ def as_url(dsn: str) -> str:
     """
     check_dsn(dsn)
     return key_value_to_url(dsn) if is_key_value(dsn) else dsn
+
+
+def wants_primary(dsn: str) -> bool:
+    """Whether *dsn* asks for a server that takes writes: ``target_session_attrs`` of
+    ``read-write`` or ``primary`` (libpq's names, which asyncpg honours)."""
+    try:
+        query = urlsplit(as_url(dsn)).query
+    except ValueError:
+        return False
+    return any(
+        value in ("read-write", "primary")
+        for value in parse_qs(query).get("target_session_attrs", [])
+    )
+
+
+def writable_only(dsn: str, connect_kwargs: dict[str, Any]) -> None:
+    """Make the connections made with *dsn* and *connect_kwargs* reach only a server that
+    takes writes (``follow_primary``): asyncpg's ``target_session_attrs="read-write"``,
+    unless the DSN or the arguments choose ``target_session_attrs`` themselves."""
+    if "target_session_attrs" in connect_kwargs or "target_session_attrs" in dsn:
+        return
+    connect_kwargs["target_session_attrs"] = "read-write"

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from anyio.abc import TaskGroup
 
 __all__ = [
+    "ConnectionExpired",
     "Event",
     "EventHub",
     "EventStream",
+    "FailoverDetected",
     "ForceKillDone",
     "PoolDrained",
+    "RefreshRequested",
     "ReloadFailed",
     "ReloadStarted",
     "SwapDone",
@@ -60,8 +63,9 @@ class SwapDone(_Base):
     open_seconds: float
     """How long the new pool took to open."""
     reason: str = "changed"
-    """Why it swapped: ``"changed"`` (a new DSN), ``"failover"`` (the server stopped taking
-    writes, the same DSN opened again on the writable one)."""
+    """Why it swapped: ``"changed"`` (a new DSN), ``"refresh"`` (a new DSN the strategy found
+    when asked to look again after a refused login), ``"failover"`` (the server stopped
+    taking writes: the same DSN opened again on the one that does)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,48 @@ class ForceKillDone(_Base):
     """Queries that were running on it, cancelled on the server."""
 
 
-Event = ReloadStarted | SwapDone | ReloadFailed | PoolDrained | ForceKillDone
+@dataclass(frozen=True)
+class RefreshRequested(_Base):
+    """The strategy was asked to look at its source again now, before its next poll."""
+
+    generation: int
+    reason: str
+    """Why: ``"login refused"`` (the server refused the DSN in use: rotated credentials)."""
+
+
+@dataclass(frozen=True)
+class FailoverDetected(_Base):
+    """The current generation's server stopped taking writes (``follow_primary``): the same
+    DSN is opened again, to reach the server that does; a :class:`SwapDone` with reason
+    ``"failover"`` follows once one is found."""
+
+    generation: int
+    target: str
+    reason: str
+    """What showed it: a query failed with ``25006 read_only_sql_transaction``, or a new
+    connection found a server that does not take writes."""
+
+
+@dataclass(frozen=True)
+class ConnectionExpired(_Base):
+    """A connection reached its ``max_lifetime`` and was closed when released (a new one
+    replaces it when needed)."""
+
+    generation: int
+    age: float
+    """Seconds since it was opened."""
+
+
+Event = (
+    ReloadStarted
+    | SwapDone
+    | ReloadFailed
+    | PoolDrained
+    | ForceKillDone
+    | RefreshRequested
+    | FailoverDetected
+    | ConnectionExpired
+)
 
 
 class _Mailbox:

@@ -86,11 +86,14 @@ class HotPool(_PoolBase):
             pool_args.get("max_size", _DEFAULT_SIZE),
             pool_args.get("init_size", pool_args.get("min_size", _DEFAULT_SIZE)),
         )
-        self._inner = InnerPools(driver, pool_args, connect_args, lifetime)
+        self._inner = InnerPools(
+            driver, pool_args, connect_args, lifetime, follow_primary=self._url.follow_primary
+        )
         self._lc: Lifecycle[Inner] = Lifecycle(
             self._url, self._inner, self._events, name=self._name, action="open a pool on"
         )
         self._inner.on_login_refused = self._lc.login_refused
+        self._inner.on_not_writable = self._lc.not_writable
         self._checkouts = Checkouts(self._lc)
         self._checkouts.lifetimes = lifetime is not None
 

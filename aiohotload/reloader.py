@@ -123,6 +123,8 @@ class Reloader(Generic[T]):
         self._trouble: StrategyError | None = None  # what the strategy reported, if any
         self._refreshes = 0  # refresh requests since the strategy last brought a new DSN
         self._next_refresh = 0.0
+        self._refreshed = False  # a refresh was requested since the last new DSN
+        self._found_by_refresh = False  # the newest DSN came after a refresh request
         # DSNs in use, with how many generations use each: the strategy hears when one is
         # no longer used.
         self._in_use: collections.Counter[str] = collections.Counter()
@@ -190,17 +192,21 @@ class Reloader(Generic[T]):
             return False
         self._refreshes += 1
         self._next_refresh = now + _REFRESH.delay(self._refreshes)
+        self._refreshed = True
         logger.info("asking strategy %r to look again now", self._url.strategy)
         feedback.request_refresh()
         return True
 
-    def reopen(self, reason: str) -> None:
+    def reopen(self, reason: str) -> bool:
         """Open the DSN in use again and swap to it (a failover: the same name now leads to
-        another server)."""
-        if self._stopped:
-            return
+        another server). While one such reopen is pending (opening, or waiting to retry after
+        a failure) more requests change nothing: the retries keep their own pace. Returns
+        whether a reopen was started."""
+        if self._stopped or self._reopen is not None:
+            return False
         self._reopen = reason
         self._wake.set()
+        return True
 
     def stop(self) -> None:
         """Stop reloading; an open in progress is abandoned. The strategy keeps running, to
@@ -307,6 +313,7 @@ class Reloader(Generic[T]):
             previous, self._wanted = self._wanted, dsn
             self._refreshes = 0  # the source moved: refresh requests may come at once again
             self._next_refresh = 0.0
+            self._found_by_refresh, self._refreshed = self._refreshed, False
             if previous is not None:
                 self._release_if_unused(previous)
             self._wake.set()
@@ -332,7 +339,8 @@ class Reloader(Generic[T]):
             if dsn == current.dsn and reason is None:
                 self.last_error = None
                 return
-            reason = "changed" if dsn != current.dsn or reason is None else reason
+            if dsn != current.dsn or reason is None:
+                reason = "refresh" if self._found_by_refresh else "changed"
             self._emit(
                 ReloadStarted(
                     self._name,

@@ -41,6 +41,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sqlalchemy_async_engine
@@ -50,7 +51,7 @@ from sqlalchemy.util import greenlet_spawn
 from . import _asyncpg
 from ._connector import Connector
 from ._lifecycle import Generation, Lifecycle
-from .dsn import as_url
+from .dsn import as_url, writable_only
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
 from .events import EventHub, EventStream
 from .redact import describe_error
@@ -69,6 +70,10 @@ _RESERVED = ("async_creator", "creator")
 # since it was made" (a new connection is never refused at its first checkout).
 _GENERATION = "aiohotload.generation"
 _FRESH = "aiohotload.fresh"
+# SQLSTATE of a write refused by a read-only server (a standby, a demoted primary).
+_READ_ONLY_SQL_TRANSACTION = "25006"
+# How a new connection shows that its server does not take writes.
+_NOT_WRITABLE = "a new connection found a server that does not take writes"
 # The generation being validated: the engine's creator connects with its DSN meanwhile.
 _VALIDATING: contextvars.ContextVar[_EngineGeneration | None] = contextvars.ContextVar(
     "aiohotload_validating", default=None
@@ -80,12 +85,16 @@ class _EngineGeneration(Generation):
 
     __slots__ = ("connector", "drained", "idle", "out")
 
-    def __init__(self, dsn: str, on_refused: Callable[[Generation], None]) -> None:
+    def __init__(self, dsn: str, ops: _EngineOps) -> None:
         super().__init__(dsn)
         self.out: set[ConnectionPoolEntry] = set()  # checked out
         self.idle: set[ConnectionPoolEntry] = set()  # in the pool, connected
         # Stopped when retired: connections still being made for it go to the current DSN.
-        self.connector = Connector(asyncpg.connect, lambda: on_refused(self))
+        self.connector = Connector(
+            asyncpg.connect,
+            lambda: ops.on_login_refused(self),
+            on_not_writable=lambda: ops.on_not_writable(self, _NOT_WRITABLE),
+        )
         self.drained = asyncio.Event()  # retired, and nothing checked out
 
 
@@ -97,6 +106,8 @@ class _EngineOps:
         self._engine = weakref.ref(engine)
         self.on_login_refused: Callable[[Generation], None] = lambda gen: None
         """Told when a connection's login is refused (the current lifecycle's)."""
+        self.on_not_writable: Callable[[Generation, str], None] = lambda gen, reason: None
+        """Told when a generation's server does not take writes (the current lifecycle's)."""
 
     async def open(self, dsn: str) -> _EngineGeneration:
         """Validate *dsn* with one connection made as the engine makes them: through a copy
@@ -104,7 +115,7 @@ class _EngineOps:
         engine = self._engine()
         if engine is None:
             raise HotloadError("engine was garbage-collected")
-        gen = _EngineGeneration(dsn, self.on_login_refused)
+        gen = _EngineGeneration(dsn, self)
         token = _VALIDATING.set(gen)
         dialect = engine.sync_engine.dialect
         try:
@@ -223,6 +234,7 @@ class HotEngine(AsyncEngine):
         event.listen(sync_engine, "checkin", self._on_checkin)
         event.listen(sync_engine, "close", self._on_close)
         event.listen(sync_engine, "detach", self._on_detach)
+        event.listen(sync_engine, "handle_error", self._on_error)
 
     # ------------------------------------------------------------------ start and stop
 
@@ -287,6 +299,7 @@ class HotEngine(AsyncEngine):
         )
         self._lc = lc
         self._ops.on_login_refused = lc.login_refused
+        self._ops.on_not_writable = lc.not_writable
         self._disposed = False
         self._events.open()
         gen = await lc.start()
@@ -305,7 +318,7 @@ class HotEngine(AsyncEngine):
         gen = _VALIDATING.get() or await self._started()
         while True:
             try:
-                conn = await gen.connector(as_url(gen.dsn), **self._connect_args)
+                conn = await gen.connector(as_url(gen.dsn), **self._connect_kwargs(gen))
                 break
             except asyncpg.InterfaceError:
                 if not gen.retired:
@@ -321,6 +334,21 @@ class HotEngine(AsyncEngine):
                 raise
         self._made[conn] = gen
         return conn
+
+    def _connect_kwargs(self, gen: _EngineGeneration) -> dict[str, Any]:
+        if not self._hotload_url.follow_primary:
+            return self._connect_args
+        kwargs = dict(self._connect_args)
+        writable_only(gen.dsn, kwargs)
+        return kwargs
+
+    def _on_error(self, context: ExceptionContext) -> None:
+        # A statement refused by a server that no longer takes writes: a failover.
+        error = context.original_exception
+        if getattr(error, "sqlstate", None) == _READ_ONLY_SQL_TRANSACTION:
+            lc, gen = self._lc, self._lc.current if self._lc is not None else None
+            if lc is not None and gen is not None:
+                lc.not_writable(gen, "a query failed with 25006 read_only_sql_transaction")
 
     def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         conn = record.driver_connection

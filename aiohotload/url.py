@@ -40,6 +40,7 @@ _SECRET_OPTION = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 # Pool-level options: canonical name -> accepted spellings (Go hotload uses camelCase).
 _POOL_OPTIONS = {
     "force_kill": ("force_kill", "forceKill"),
+    "follow_primary": ("follow_primary", "followPrimary"),
     "drain_timeout": ("drain_timeout", "drainTimeout"),
     "connect_timeout": ("connect_timeout", "connectTimeout"),
 }
@@ -51,7 +52,8 @@ class HotloadURL:
     """A parsed hotload URL.
 
     ``options`` holds the query options meant for the strategy; the pool's own options
-    (``force_kill``, ``drain_timeout``, ``connect_timeout``) are parsed into fields.
+    (``force_kill``, ``drain_timeout``, ``connect_timeout``, ``follow_primary``) are parsed
+    into fields.
     """
 
     strategy: str
@@ -60,6 +62,9 @@ class HotloadURL:
     # A mapping is not hashable; equal URLs still hash equal without it.
     options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     force_kill: bool = False
+    follow_primary: bool = False
+    """Connect only to a server that takes writes (``target_session_attrs=read-write``) and
+    open a new generation on the same DSN when the server stops taking them (a failover)."""
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
@@ -70,6 +75,7 @@ class HotloadURL:
         return (
             f"HotloadURL(strategy={self.strategy!r}, driver={self.driver!r}, path={self.path!r}, "
             f"options={shown!r}, force_kill={self.force_kill!r}, "
+            f"follow_primary={self.follow_primary!r}, "
             f"drain_timeout={self.drain_timeout!r}, connect_timeout={self.connect_timeout!r})"
         )
 
@@ -123,6 +129,11 @@ def parse_url(url: str) -> HotloadURL:
         path=path,
         options=MappingProxyType(options),
         force_kill=parse_bool("force_kill", pool["force_kill"]) if "force_kill" in pool else False,
+        follow_primary=(
+            parse_bool("follow_primary", pool["follow_primary"])
+            if "follow_primary" in pool
+            else False
+        ),
         drain_timeout=(
             parse_duration("drain_timeout", pool["drain_timeout"])
             if "drain_timeout" in pool

@@ -82,9 +82,9 @@ class FakeRecord:
 
 async def test_checkout_refuses_an_old_connection_once_unless_it_is_new(tmp_path: Path) -> None:
     engine = create_async_engine(f"watchfiles://postgres{tmp_path}/dsn")
-    old = _EngineGeneration("postgresql://a", lambda gen: None)
+    old = _EngineGeneration("postgresql://a", engine._ops)
     old.retired = True
-    new = _EngineGeneration("postgresql://b", lambda gen: None)
+    new = _EngineGeneration("postgresql://b", engine._ops)
     stale = FakeRecord(**{"aiohotload.generation": old})
     # An idle connection of a replaced DSN: SQLAlchemy is told to replace it.
     with pytest.raises(DisconnectionError):
