@@ -67,6 +67,7 @@ _HBA = """\
 # Written by aiohotload.testing. Trust only on the unix socket, which lives in a
 # directory only the server's owner can enter; TCP logins need the password.
 local all all trust
+local replication all trust
 host all all 127.0.0.1/32 scram-sha-256
 host all all ::1/128 scram-sha-256
 """
@@ -428,6 +429,68 @@ class PgServer:
     async def kill(self, *, backends: bool = True) -> None:
         """SIGKILL the server (see :meth:`kill_sync`)."""
         await asyncio.to_thread(lambda: self.kill_sync(backends=backends))
+
+    # ------------------------------------------------------------------ replication
+
+    def standby(self, directory: Path | None = None) -> PgServer:
+        """A new server that is a streaming standby of this running one (``pg_basebackup -R``
+        over the unix socket): start it, and it replays this server's writes, read-only,
+        until :meth:`promote`.
+
+        Made for failover tests: stop this server, promote the standby, point the clients'
+        name at it, and :meth:`follow` it with this one (the demoted old primary).
+        """
+        self._require_own("take a base backup of")
+        if not self.is_running or self.install is None or self._port is None:
+            raise PgServerError("a standby needs its primary running")
+        standby = PgServer(directory, password=self.password, install=self.install)
+        standby.settings = dict(self.settings)
+        standby.directory.mkdir(parents=True, exist_ok=True)
+        user = ServerUser.for_server()
+        standby.directory.chmod(0o700)
+        user.own(standby.directory)
+        _run(
+            [
+                str(self.install.bindir / "pg_basebackup"),
+                "--pgdata",
+                str(standby.directory / "data"),
+                "--write-recovery-conf",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+                "--host",
+                str(self.directory),
+                "--port",
+                str(self._port),
+                "--username",
+                self.superuser,
+            ],
+            user,
+            standby.directory,
+        )
+        return standby
+
+    def follow(self, primary: PgServer) -> None:
+        """Make this stopped server a standby of *primary* when it next starts (a demoted
+        old primary after a failover). It comes back read-only; it streams from *primary*
+        if their histories allow it (a clean stop before the promotion does), and serves
+        reads either way."""
+        self._require_own("demote")
+        if self.is_running:
+            raise PgServerError("stop the server before making it a standby")
+        self.settings["primary_conninfo"] = (
+            f"host={primary.directory} port={primary.port} user={primary.superuser}"
+        )
+        signal_file = self.directory / "data" / "standby.signal"
+        signal_file.touch()
+        ServerUser.for_server().own(signal_file)
+
+    async def promote(self, timeout: float = READY_TIMEOUT) -> None:
+        """End recovery on this standby: it takes writes from now on."""
+        await self.fetchval("SELECT pg_promote(true, $1)", int(timeout))
+
+    async def in_recovery(self) -> bool:
+        """Whether this server is a standby (read-only, replaying a primary's writes)."""
+        return bool(await self.fetchval("SELECT pg_is_in_recovery()"))
 
     def _require_own(self, operation: str) -> None:
         if self.is_external:
