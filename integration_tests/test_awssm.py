@@ -8,7 +8,8 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -348,3 +349,70 @@ async def test_unreachable_endpoint_at_start_is_a_source_error(aws: Aws) -> None
     unreachable = Aws(aws.sm, "http://127.0.0.1:9", aws.secret_id)  # the discard port
     with pytest.raises(SourceError, match="Could not connect to the endpoint URL"):
         await first(unreachable, timeout="5s")
+
+
+class WithoutFeedback:
+    """The awssm strategy as one that never hears from its pool: polls only."""
+
+    async def watch(self, path: str, options: Mapping[str, str]) -> AsyncIterator[str]:
+        async with aclosing(AwsSecretsManagerStrategy().watch(path, options)) as gen:
+            async for dsn in gen:
+                yield dsn
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["refresh on refused login", "polls only"])
+async def test_single_user_rotation_window(
+    aws: Aws, pg_a: PgServer, role: RoleFactory, hook: bool
+) -> None:
+    """AWS single-user rotation: the password changes on the server (setSecret), and a
+    moment later AWSCURRENT moves to it (finishSecret). In between, new logins fail with
+    either pool; with the refresh hook the pool follows at once when AWSCURRENT moves,
+    without it only at its next poll (60 s here)."""
+    user, password = await role(pg_a)
+    await aws.sm.create_secret(Name=aws.secret_id, SecretString=rds_secret(pg_a, user, password))
+    scheme = "awssm"
+    if not hook:
+        scheme = "awssm-polls-only"
+        register_strategy(scheme, WithoutFeedback())
+    try:
+        url = url_for(aws, interval="60s").replace("awssm://", f"{scheme}://", 1)
+        async with aiohotload.create_pool(url, min_size=2, max_size=4) as pool:
+            failed = 0
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                nonlocal failed
+                while not stop.is_set():
+                    try:
+                        await pool.fetchval("SELECT 1")
+                    except Exception:  # an application's retry loop
+                        failed += 1
+                        await asyncio.sleep(0.01)
+
+            loader = asyncio.ensure_future(load())
+            rotated = "rot-" + password
+            version = await put_pending(aws, rds_secret(pg_a, user, rotated))
+            await pg_a.alter_password(user, rotated)  # setSecret
+            await pg_a.terminate(usename=user)  # so that new logins are needed
+            await wait_until(lambda: failed, lambda n: n > 0, timeout=10, what="refused logins")
+            await move_current(aws, version)  # finishSecret
+            finished = time.monotonic()
+            if hook:
+                await pool.wait_until(lambda p: p.generation == 1, timeout=20)
+                seconds = time.monotonic() - finished
+                print(f"single-user rotation with the hook: followed {seconds:.2f}s after "
+                      f"finishSecret, {failed} failed queries")  # fmt: skip
+                failed_before = failed
+                await wait_until(lambda: pool.fetchval("SELECT 1"), timeout=10)
+                assert failed == failed_before  # serving again
+            else:
+                # Nothing makes it look before its next poll, a minute away.
+                with pytest.raises(TimeoutError):
+                    await pool.wait_for_swap(timeout=5)
+                print(f"single-user rotation polling only: still failing 5s after finishSecret, "
+                      f"{failed} failed queries")  # fmt: skip
+            stop.set()
+            await loader
+    finally:
+        if not hook:
+            unregister_strategy(scheme)
