@@ -39,6 +39,7 @@ __all__ = [
     "expire",
     "expire_at_release",
     "fast_acquire",
+    "idle",
     "in_use",
     "stop_refilling",
     "wake_waiters",
@@ -136,16 +137,21 @@ def close_idle(pool: object, timeout: float) -> list[Awaitable[None]]:
 
     ``Pool.close()`` waits until every connection is released before it closes any, so the
     idle ones of a draining pool would stay open on the old server until the last caller is
-    done. The holders (``Pool._holders``) whose ``_in_use`` is None are idle.
+    done. Closing a connection through itself lets its holder know (asyncpg's own path).
     """
+    return [con.close(timeout=timeout) for con in idle(pool)]
+
+
+def idle(pool: object) -> list[asyncpg.Connection]:
+    """The connections of *pool* that are open and not checked out (holders whose
+    ``_in_use`` is None)."""
     if not isinstance(pool, asyncpg.Pool):
         return []
-    closing: list[Awaitable[None]] = []
-    for holder in pool._holders:  # type: ignore[attr-defined]
-        con = holder._con
-        if holder._in_use is None and con is not None and not con.is_closed():
-            closing.append(con.close(timeout=timeout))
-    return closing
+    return [
+        holder._con
+        for holder in pool._holders  # type: ignore[attr-defined]
+        if holder._in_use is None and holder._con is not None and not holder._con.is_closed()
+    ]
 
 
 def in_use(pool: object) -> list[asyncpg.Connection]:

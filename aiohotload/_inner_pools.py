@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from . import _asyncpg
 from ._connector import Connector
-from ._lifecycle import Generation
+from ._lifecycle import Generation, Lifecycle
 from .drivers import Driver, asyncpg_driver
 from .dsn import as_url, writable_only
 
@@ -100,6 +101,26 @@ class InnerPools:
         gen.pool = pool
         gen.acquire = _asyncpg.fast_acquire(pool)
         return gen
+
+    async def expire_idle(self, lifecycle: Lifecycle[Inner]) -> None:
+        """Close the current generation's idle connections past their ``max_lifetime``, now
+        and then, for ever (those in use are checked when released). asyncpg refills the
+        pool as needed."""
+        if self._lifetime is None:
+            return
+        period = min(60.0, max(0.05, self._lifetime[0] / 4))
+        while True:
+            await asyncio.sleep(period)
+            gen = lifecycle.current
+            if gen is None or gen.connector is None:
+                continue
+            now = asyncio.get_running_loop().time()
+            for con in _asyncpg.idle(gen.pool):
+                born, deadline = gen.connector.lifetimes.get(con, (now, math.inf))
+                if now >= deadline:
+                    lifecycle.connection_expired(gen, now - born)
+                    with contextlib.suppress(Exception):  # closed either way
+                        await con.close(timeout=_CLOSE_TIMEOUT)
 
     def set_connect_args(self, gen: Inner, connect_kwargs: dict[str, Any]) -> None:
         """Use *connect_kwargs* for *gen*'s new connections from now on."""

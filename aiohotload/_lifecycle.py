@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -144,6 +145,7 @@ class Lifecycle(Generic[G]):
         self._next_swap: asyncio.Future[int] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._disowned: str | None = None  # why, once inherited by a forked child
+        self._background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         _live.add(self)
 
     # ------------------------------------------------------------------ state
@@ -171,6 +173,11 @@ class Lifecycle(Generic[G]):
             _State.CLOSED: "pool is closed",
         }
         return PoolClosedError(messages.get(self._state, "pool is closed"))
+
+    def run_in_background(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run *work* in the lifecycle's task group from :meth:`start` until the end (call
+        before starting)."""
+        self._background.append(work)
 
     # ------------------------------------------------------------------ start and stop
 
@@ -275,6 +282,8 @@ class Lifecycle(Generic[G]):
                 self._task_group = tg
                 self._events.attach(tg)
                 tg.start_soon(self._reloader.run)
+                for work in self._background:
+                    tg.start_soon(work)
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
         except Exception:

@@ -96,6 +96,9 @@ class HotPool(_PoolBase):
         self._inner.on_not_writable = self._lc.not_writable
         self._checkouts = Checkouts(self._lc)
         self._checkouts.lifetimes = lifetime is not None
+        if lifetime is not None:
+            inner, lc = self._inner, self._lc
+            lc.run_in_background(lambda: inner.expire_idle(lc))
 
     # ------------------------------------------------------------------ open and close
 
