@@ -38,7 +38,16 @@ except ImportError as exc:
     ) from exc
 
 from .errors import HotloadError, RegistryError
-from .events import Event, ForceKillDone, PoolDrained, ReloadFailed, SwapDone
+from .events import (
+    ConnectionExpired,
+    Event,
+    FailoverDetected,
+    ForceKillDone,
+    PoolDrained,
+    RefreshRequested,
+    ReloadFailed,
+    SwapDone,
+)
 
 __all__ = ["DEFAULT_DRAIN_BUCKETS", "DEFAULT_RELOAD_BUCKETS", "HotloadCollector", "Trackable"]
 
@@ -104,12 +113,16 @@ class _Tracked:
     __slots__ = (
         "changes",
         "drains",
+        "expired",
+        "failovers",
         "failures",
         "killed",
         "last_changed",
         "listener",
         "ref",
+        "refreshes",
         "reloads",
+        "swaps",
     )
 
     def __init__(
@@ -126,6 +139,10 @@ class _Tracked:
         self.killed = {_DRAIN_TIMEOUT: 0, _FORCE_KILL: 0}
         self.reloads = _Histogram(reload_buckets)
         self.drains = _Histogram(drain_buckets)
+        self.swaps: dict[str, int] = {}
+        self.refreshes = 0
+        self.failovers = 0
+        self.expired = 0
 
         # The pool holds this closure; it must not hold the pool (only the counters).
         def listener(event: Event) -> None:
@@ -139,6 +156,7 @@ class _Tracked:
             self.changes += 1
             self.last_changed = event.at
             self.reloads.observe(event.open_seconds)
+            self.swaps[event.reason] = self.swaps.get(event.reason, 0) + 1
         elif isinstance(event, ReloadFailed):
             self.failures += 1
         elif isinstance(event, PoolDrained):
@@ -146,6 +164,12 @@ class _Tracked:
             self.killed[_DRAIN_TIMEOUT] += event.terminated
         elif isinstance(event, ForceKillDone):
             self.killed[_FORCE_KILL] += event.cancelled
+        elif isinstance(event, RefreshRequested):
+            self.refreshes += 1
+        elif isinstance(event, FailoverDetected):
+            self.failovers += 1
+        elif isinstance(event, ConnectionExpired):
+            self.expired += 1
 
 
 class HotloadCollector(Collector):
@@ -230,6 +254,11 @@ class HotloadCollector(Collector):
                     f.killed.add_metric([*labels, reason], count)
                 f.size.add_metric(labels, pool.get_size())
                 f.idle.add_metric(labels, pool.get_idle_size())
+                for reason, count in tracked.swaps.items():
+                    f.swaps.add_metric([*labels, reason], count)
+                f.refreshes.add_metric(labels, tracked.refreshes)
+                f.failovers.add_metric(labels, tracked.failovers)
+                f.expired.add_metric(labels, tracked.expired)
         return iter(f)
 
     def _prune(self) -> None:
@@ -263,6 +292,10 @@ class _Families(NamedTuple):
     killed: CounterMetricFamily
     size: GaugeMetricFamily
     idle: GaugeMetricFamily
+    swaps: CounterMetricFamily
+    refreshes: CounterMetricFamily
+    failovers: CounterMetricFamily
+    expired: CounterMetricFamily
 
 
 def _families() -> _Families:
@@ -325,6 +358,28 @@ def _families() -> _Families:
         idle=GaugeMetricFamily(
             "hotload_pool_idle_connections",
             "Idle connections in the current inner pool, by pool.",
+            labels=pool,
+        ),
+        swaps=CounterMetricFamily(
+            "hotload_swaps",
+            "Swaps by pool and reason (changed: a new DSN; refresh: a new DSN found when a "
+            "refused login made the pool ask; failover: the same DSN on the server that takes "
+            "writes).",
+            labels=[*pool, "reason"],
+        ),
+        refreshes=CounterMetricFamily(
+            "hotload_refresh_requests",
+            "Requests to the strategy to look at its source now (a login was refused), by pool.",
+            labels=pool,
+        ),
+        failovers=CounterMetricFamily(
+            "hotload_failovers_detected",
+            "Times the server stopped taking writes (follow_primary), by pool.",
+            labels=pool,
+        ),
+        expired=CounterMetricFamily(
+            "hotload_connections_expired",
+            "Connections closed because they reached max_lifetime, by pool.",
             labels=pool,
         ),
     )

@@ -18,10 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import aiohotload
 from aiohotload import (
+    ConnectionExpired,
     Event,
+    FailoverDetected,
     ForceKillDone,
     HotPool,
     PoolDrained,
+    RefreshRequested,
     ReloadFailed,
     SwapDone,
 )
@@ -313,3 +316,25 @@ def test_buckets_are_checked() -> None:
         HotloadCollector(reload_buckets=(1.0, 0.5))
     with pytest.raises(ValueError, match="drain_buckets"):
         HotloadCollector(drain_buckets=(1.0, float("inf")))
+
+
+async def test_refreshes_failovers_expiries_and_swap_reasons_are_counted(
+    driver: FakeDriver,
+    strategy: QueueStrategy,
+    registry: CollectorRegistry,
+    collector: HotloadCollector,
+) -> None:
+    async with await open_pool(strategy, "postgresql://a") as pool:
+        collector.track(pool)
+        emit = pool._events.emit
+        emit(RefreshRequested("orders", generation=0, reason="login refused"))
+        emit(FailoverDetected("orders", generation=0, target="postgresql://a", reason="25006"))
+        emit(ConnectionExpired("orders", generation=0, age=3600.0))
+        emit(ConnectionExpired("orders", generation=0, age=3601.0))
+        await strategy.queue.put("postgresql://b")
+        await pool.wait_for_swap(timeout=5)
+        scrape = Scrape(registry)
+        assert scrape("hotload_refresh_requests_total", pool="orders") == 1
+        assert scrape("hotload_failovers_detected_total", pool="orders") == 1
+        assert scrape("hotload_connections_expired_total", pool="orders") == 2
+        assert scrape("hotload_swaps_total", pool="orders", reason="changed") == 1
