@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy
@@ -631,3 +632,40 @@ async def test_prometheus_collector_tracks_the_engine(
         assert after["hotload_reload_failing"] == 0
     finally:
         await engine.dispose()
+
+
+async def test_a_dsn_on_which_the_apps_connect_listener_fails_is_not_swapped_in(
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+) -> None:
+    """The new DSN is proven through the engine's own connect path: an application's
+    ``connect`` listener that fails there (here: a table it needs is missing on the new
+    server, as a codec for a missing extension would) keeps the engine where it is, until the
+    retry succeeds (fails on a version that validates with a bare asyncpg.connect)."""
+    user, password = user_ab
+    table = f"needed_{user}"
+    await pg_a.execute(f'CREATE TABLE "{table}" (id int)')
+    await pg_a.execute(f'GRANT SELECT ON "{table}" TO "{user}"')
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_file), pool_size=2)
+
+    @sqlalchemy.event.listens_for(engine.sync_engine, "connect")
+    def needs_table(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f'SELECT 1 FROM "{table}" LIMIT 1')
+        cursor.close()
+
+    try:
+        assert await port_of(engine) == pg_a.port
+        write_dsn(dsn_file, pg_b.dsn(user, password))
+        error = await wait_until(lambda: engine.last_error, timeout=10)
+        assert table in str(error)
+        assert engine.generation == 0
+        assert await port_of(engine) == pg_a.port
+        await pg_b.execute(f'CREATE TABLE "{table}" (id int)')
+        await pg_b.execute(f'GRANT SELECT ON "{table}" TO "{user}"')
+        await swapped_to(engine, 1)
+        assert await port_of(engine) == pg_b.port
+    finally:
+        await engine.dispose()
+        for server in (pg_a, pg_b):
+            await server.execute(f'DROP TABLE IF EXISTS "{table}"')
