@@ -28,7 +28,7 @@ from aiohotload.strategies.vault._client import (
 )
 from aiohotload.strategies.vault._dsn import DsnRecipe
 from aiohotload.strategies.vault._dynamic import DynamicCredentials
-from aiohotload.strategies.vault._faults import Backoff, FailureLog
+from aiohotload.strategies.vault._faults import FailureLog, Retries
 from aiohotload.strategies.vault._kv import dsn_from_kv
 from aiohotload.strategies.vault._leases import Lease, Term, margin, replace_at
 from aiohotload.strategies.vault._options import (
@@ -237,13 +237,16 @@ def test_a_token_that_never_expires_is_never_replaced() -> None:
 # ------------------------------------------------------------------ failure pacing
 
 
-def test_backoff_doubles_with_jitter_up_to_a_cap() -> None:
-    backoff = Backoff(first=1.0, cap=8.0)
-    delays = [backoff.failed() for _ in range(6)]
-    for delay, nominal in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+def test_retries_back_off_doubling_with_jitter_up_to_a_cap() -> None:
+    retries = Retries(logging.getLogger("t"), "read x")
+    delays = [retries.failed(100.0, "sealed", "keeping the current DSN") for _ in range(8)]
+    for delay, nominal in zip(delays, [1, 2, 4, 8, 16, 32, 60, 60], strict=True):
         assert nominal / 2 <= delay <= nominal
-    backoff.succeeded()
-    assert backoff.nominal == 0.0
+    assert retries.retry_at == 100.0 + delays[-1]
+    assert retries.failed(100.0, "sealed", "", cap=0.1) == 1.0  # capped, but not below 1 s
+    retries.succeeded()
+    assert (retries.failures, retries.retry_at, retries.trouble) == (0, 0.0, None)
+    assert retries.failed(100.0, "sealed", "keeping the current DSN") <= 1.0  # from the start
 
 
 def test_each_distinct_failure_is_a_warning_once(caplog: pytest.LogCaptureFixture) -> None:
