@@ -427,6 +427,48 @@ async def test_released_leases_are_revoked_and_a_refusal_is_reported_once(
     assert all("pw-" not in r.getMessage() for r in caplog.records)
 
 
+async def test_a_token_past_its_max_ttl_is_replaced_at_once_not_retried(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A grant capped by max_ttl to a whole TTL does not look capped; Vault then refuses the
+    # next renewal (with a server error). Retrying it after a backoff would let the token,
+    # and the leases Vault revokes with it, end first.
+    logins: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/auth/approle/login":
+            logins.append(f"token-{len(logins) + 1}")
+            return _ok(
+                {"auth": {"client_token": logins[-1], "lease_duration": 2, "renewable": True}}
+            )
+        assert request.url.path == "/v1/auth/token/renew-self"
+        return httpx.Response(500, json={"errors": ["past the max TTL, cannot renew"]})
+
+    opts = parse_options({**DB, "auth": "approle", "role_id": "r"}, Kind.DYNAMIC, {})
+    client = VaultClient(
+        "http://vault",
+        namespace=None,
+        timeout=5.0,
+        verify=True,
+        secrets=lambda: (),
+        transport=httpx.MockTransport(handle),
+    )
+    auth = Authenticator(client, opts, {}, clock=clock)
+    await auth.start()
+    token = auth.current
+    assert token is not None and not token.term.final
+    clock.now = auth.due()
+    await auth.step(clock.now)
+    assert token.term.final and token.ends == token.term.expires
+    assert auth.due() <= clock.now  # a login is due now, not after a backoff
+    assert auth.trouble is None
+    await auth.step(clock.now)
+    assert logins == ["token-1", "token-2"]
+    assert auth.current is not token
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    await client.aclose()
+
+
 # ------------------------------------------------------------------ the client
 
 

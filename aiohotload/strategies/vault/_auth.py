@@ -184,7 +184,19 @@ class Authenticator:
 
     async def _renew(self, token: Token, now: float) -> None:
         body = {"increment": f"{max(1, round(token.term.duration))}s"}
-        data = await self._client.post("auth/token/renew-self", body, token=token.value)
+        try:
+            data = await self._client.post("auth/token/renew-self", body, token=token.value)
+        except VaultError as exc:
+            # A server error here, not a 4xx as for a lease: the text is what tells.
+            if "past the max ttl" not in exc.reason.lower():
+                raise
+            # It ends as last granted: log in again now, not after retrying a renewal that
+            # cannot succeed, so that the pool moves to leases of the new token before
+            # Vault revokes this one's with it. (A grant capped to a whole TTL by max_ttl
+            # does not look capped, so this is where such a token is seen to be final.)
+            token.term = token.term.finalized()
+            logger.info("the Vault token from %s cannot be renewed: %s", token.source, exc.reason)
+            return
         auth = _auth_of(data)
         ttl = _number(auth.get("lease_duration"))
         token.term = token.term.renewed(now, ttl, fraction=self._opts.renew_fraction)
