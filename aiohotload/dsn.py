@@ -74,31 +74,40 @@ def check_dsn(dsn: str) -> None:
 
 
 def _problem(text: str) -> str | None:
+    # A problem is a message (never empty) or None, so `a or b` is the first problem found.
     if not text:
         return "it is empty"
-    if text.startswith(_BOMS):
-        return (
-            "it starts with a UTF-8 byte order mark (U+FEFF), which is not part of a DSN: "
-            "save the source as UTF-8 without a byte order mark"
-        )
-    assignment = _ASSIGNMENT.match(text)
-    if assignment is not None:
-        if assignment.group("sign") == "=":
-            return (
-                "it looks like KEY=URL (a shell or dotenv line such as "
-                "DATABASE_URL=postgresql://...): the source must hold the URL alone, without "
-                "a name, '=' or quotes"
-            )
-        return (
-            "it looks like KEY: URL (a YAML or config line such as url: postgresql://...): "
-            "the source must hold the URL alone"
-        )
+    wrapped = _wrapped_problem(text)
+    if wrapped is not None:
+        return wrapped
     scheme = _URL_SCHEME.match(text)
     if scheme is not None and (text.startswith("//", scheme.end()) or _is_postgres(text)):
         return _url_problem(text, scheme.end())
     if "=" in text:
         return _key_value_problem(text)
     return "it is neither a postgresql:// URL nor libpq key=value pairs" + _embedded_url(text)
+
+
+def _wrapped_problem(text: str) -> str | None:
+    """A DSN inside something else: after a byte order mark, or in a ``KEY=URL`` line."""
+    if text.startswith(_BOMS):
+        return (
+            "it starts with a UTF-8 byte order mark (U+FEFF), which is not part of a DSN: "
+            "save the source as UTF-8 without a byte order mark"
+        )
+    assignment = _ASSIGNMENT.match(text)
+    if assignment is None:
+        return None
+    if assignment.group("sign") == "=":
+        return (
+            "it looks like KEY=URL (a shell or dotenv line such as "
+            "DATABASE_URL=postgresql://...): the source must hold the URL alone, without "
+            "a name, '=' or quotes"
+        )
+    return (
+        "it looks like KEY: URL (a YAML or config line such as url: postgresql://...): "
+        "the source must hold the URL alone"
+    )
 
 
 def _is_postgres(text: str) -> bool:
@@ -128,6 +137,20 @@ def _url_problem(text: str, after_scheme: int) -> str | None:
         return "the URL's scheme must be postgresql:// or postgres://"
     if not text.startswith("//", after_scheme):
         return "a URL DSN starts with postgresql:// (two slashes after the colon)"
+    start = after_scheme + 2
+    ends = [i for i in (text.find("/", start), text.find("?", start)) if i != -1]
+    end = min(ends, default=len(text))
+    query_at = text.find("?", end)
+    return (
+        _url_character_problem(text)
+        or _authority_problem(text, start, end)
+        or (_query_problem(text, query_at + 1) if query_at != -1 else None)
+        or _unreadable_url(text)
+    )
+
+
+def _url_character_problem(text: str) -> str | None:
+    """A character a URL DSN never holds raw, or a '%' that starts no escape."""
     bad = _URL_FORBIDDEN.search(text)
     if bad is not None:
         at = bad.start() + 1
@@ -146,18 +169,12 @@ def _url_problem(text: str, after_scheme: int) -> str | None:
             f"the '%' at character {escape.start() + 1} is not followed by two hex digits: "
             "a '%' in a password or name is written %25"
         )
-    start = after_scheme + 2
-    ends = [i for i in (text.find("/", start), text.find("?", start)) if i != -1]
-    end = min(ends, default=len(text))
-    problem = _authority_problem(text, start, end)
-    if problem is not None:
-        return problem
-    query_at = text.find("?", end)
-    if query_at != -1:
-        problem = _query_problem(text, query_at + 1)
-        if problem is not None:
-            return problem
-    try:  # what asyncpg does with it; the checks above should leave nothing for this to find
+    return None
+
+
+def _unreadable_url(text: str) -> str | None:
+    """What asyncpg does with the URL; the checks before this should leave it nothing."""
+    try:
         parts = urlsplit(text)
         if parts.query:
             parse_qs(parts.query, strict_parsing=True)
@@ -237,25 +254,37 @@ def _host_problem(item: str, pos: int, *, unquoted: bool) -> str | None:
     if item.startswith("/"):
         return None  # a unix socket directory
     if item.startswith("["):
-        close = item.find("]")
-        if close == -1:
-            return f"the IPv6 address at character {at} has no closing ']'"
-        rest = item[close + 1 :]
-        if rest and not rest.startswith(":"):
-            return f"unexpected text after the ']' of the IPv6 address at character {at}"
-        port = rest[1:]
+        problem = _ipv6_host_problem(item, at)
+        port = item[item.find("]") + 2 :]  # after "]:"
     else:
         host, _, port = item.partition(":")
-        if ":" in port:
-            return (
-                f"more than one ':' in the host at character {at}: an IPv6 address goes in "
-                "brackets, like [::1]:5432"
-            )
-        if "[" in host or "]" in host:
-            return f"a '[' or ']' in the host at character {at}: only an IPv6 address has them"
-    return _port_problem(
+        problem = _named_host_problem(host, port, at)
+    return problem or _port_problem(
         port if unquoted else unquote(port), f"the port of the host at character {at}"
     )
+
+
+def _ipv6_host_problem(item: str, at: int) -> str | None:
+    """Problems in ``[address]`` or ``[address]:port``."""
+    close = item.find("]")
+    if close == -1:
+        return f"the IPv6 address at character {at} has no closing ']'"
+    rest = item[close + 1 :]
+    if rest and not rest.startswith(":"):
+        return f"unexpected text after the ']' of the IPv6 address at character {at}"
+    return None
+
+
+def _named_host_problem(host: str, port: str, at: int) -> str | None:
+    """Problems in ``host[:port]`` without brackets, split at its first ':'."""
+    if ":" in port:
+        return (
+            f"more than one ':' in the host at character {at}: an IPv6 address goes in "
+            "brackets, like [::1]:5432"
+        )
+    if "[" in host or "]" in host:
+        return f"a '[' or ']' in the host at character {at}: only an IPv6 address has them"
+    return None
 
 
 def _port_problem(port: str, subject: str) -> str | None:
@@ -266,6 +295,15 @@ def _port_problem(port: str, subject: str) -> str | None:
         return f"{subject} is not a number"
     if not 1 <= int(port) <= _MAX_PORT:
         return f"{subject} is out of range (1-{_MAX_PORT})"
+    return None
+
+
+def _ports_problem(ports: str, subject: str) -> str | None:
+    """The first problem of a comma-separated list of ports."""
+    for port in ports.split(","):
+        problem = _port_problem(port, subject)
+        if problem is not None:
+            return problem
     return None
 
 
@@ -284,10 +322,11 @@ def _query_problem(text: str, start: int) -> str | None:
             return f"the query parameter at character {at} has no '=' (name=value)"
         name = unquote_plus(name)
         if name == "port":
-            for port in unquote_plus(value).split(","):
-                problem = _port_problem(port, f"the query parameter 'port' at character {at}")
-                if problem is not None:
-                    return problem
+            problem = _ports_problem(
+                unquote_plus(value), f"the query parameter 'port' at character {at}"
+            )
+            if problem is not None:
+                return problem
         elif name == "host":
             decoded = unquote_plus(value)
             problem = _hosts_problem(decoded, 0, len(decoded), unquoted=True)
@@ -305,29 +344,34 @@ def _key_value_problem(text: str) -> str | None:
     except InvalidDSNError as exc:
         return str(exc).removeprefix("invalid DSN: ") + _embedded_url(text)
     for key, value, at in pairs:
-        if not _KEYWORD.fullmatch(key):
-            return (
-                f"the keyword at character {at + 1} is not a word (letters, digits, '_')"
-                + _embedded_url(text)
-            )
-        if key == "port":
-            for port in value.split(","):
-                problem = _port_problem(port, f"'port' at character {at + 1}")
-                if problem is not None:
-                    return problem
-        elif key in ("host", "hostaddr") and not value.startswith("/"):
-            for host in value.split(","):
-                if not host:
-                    return f"an empty host in {key!r} at character {at + 1}"
-                if any(c in host for c in "/?#@[]"):
-                    return (
-                        f"{key!r} at character {at + 1} holds a character a host name cannot "
-                        "have ('/', '?', '#', '@', '[' or ']')"
-                    )
+        problem = _pair_problem(text, key, value, at)
+        if problem is not None:
+            return problem
     try:
         key_value_to_url(text)
     except InvalidDSNError as exc:
         return str(exc).removeprefix("invalid DSN: ")
+    return None
+
+
+def _pair_problem(text: str, key: str, value: str, at: int) -> str | None:
+    """Problems in the pair ``key=value`` whose key is at *at* in *text*."""
+    if not _KEYWORD.fullmatch(key):
+        return (
+            f"the keyword at character {at + 1} is not a word (letters, digits, '_')"
+            + _embedded_url(text)
+        )
+    if key == "port":
+        return _ports_problem(value, f"'port' at character {at + 1}")
+    if key in ("host", "hostaddr") and not value.startswith("/"):
+        for host in value.split(","):
+            if not host:
+                return f"an empty host in {key!r} at character {at + 1}"
+            if any(c in host for c in "/?#@[]"):
+                return (
+                    f"{key!r} at character {at + 1} holds a character a host name cannot "
+                    "have ('/', '?', '#', '@', '[' or ']')"
+                )
     return None
 
 
@@ -349,57 +393,71 @@ def parse_key_value(dsn: str) -> dict[str, str]:
 def _key_value_pairs(dsn: str) -> list[tuple[str, str, int]]:
     """``(key, value, position of the key)`` for each pair of a key=value DSN, in order."""
     pairs: list[tuple[str, str, int]] = []
-    i, n = 0, len(dsn)
-    while True:
-        while i < n and dsn[i] in _BLANKS:
-            i += 1
-        if i >= n:
-            return pairs
+    i = _skip_blanks(dsn, 0)
+    while i < len(dsn):
         start = i
-        while i < n and dsn[i] not in _BLANKS and dsn[i] != "=":
-            i += 1
-        key = dsn[start:i]
-        while i < n and dsn[i] in _BLANKS:
-            i += 1
-        if not key:
-            raise InvalidDSNError(f"invalid DSN: '=' at character {i + 1} has no keyword before it")
-        if i >= n or dsn[i] != "=":
-            raise InvalidDSNError(
-                f"invalid DSN: expected '=' after {_keyword(key)} at character {start + 1} "
-                "(key=value form; a value with spaces must be single-quoted)"
-            )
-        i += 1
-        while i < n and dsn[i] in _BLANKS:
-            i += 1
-        value: list[str] = []
-        if i < n and dsn[i] == "'":
-            quote_at = i
-            i += 1
-            while True:
-                if i >= n:
-                    raise InvalidDSNError(
-                        f"invalid DSN: the quote at character {quote_at + 1} opening the value "
-                        f"of {_keyword(key)} is never closed"
-                    )
-                c = dsn[i]
-                if c == "\\" and i + 1 < n:
-                    value.append(dsn[i + 1])
-                    i += 2
-                elif c == "'":
-                    i += 1
-                    break
-                else:
-                    value.append(c)
-                    i += 1
+        key, i = _keyword_at(dsn, start)
+        if i < len(dsn) and dsn[i] == "'":
+            value, i = _quoted_value_at(dsn, i, key)
         else:
-            while i < n and dsn[i] not in _BLANKS:
-                if dsn[i] == "\\" and i + 1 < n:
-                    value.append(dsn[i + 1])
-                    i += 2
-                else:
-                    value.append(dsn[i])
-                    i += 1
-        pairs.append((key, "".join(value), start))
+            value, i = _plain_value_at(dsn, i)
+        pairs.append((key, value, start))
+        i = _skip_blanks(dsn, i)
+    return pairs
+
+
+def _skip_blanks(dsn: str, i: int) -> int:
+    while i < len(dsn) and dsn[i] in _BLANKS:
+        i += 1
+    return i
+
+
+def _keyword_at(dsn: str, start: int) -> tuple[str, int]:
+    """The keyword at *start*, and where its value starts (after '=' and blanks)."""
+    i = start
+    while i < len(dsn) and dsn[i] not in _BLANKS and dsn[i] != "=":
+        i += 1
+    key = dsn[start:i]
+    i = _skip_blanks(dsn, i)
+    if not key:
+        raise InvalidDSNError(f"invalid DSN: '=' at character {i + 1} has no keyword before it")
+    if i >= len(dsn) or dsn[i] != "=":
+        raise InvalidDSNError(
+            f"invalid DSN: expected '=' after {_keyword(key)} at character {start + 1} "
+            "(key=value form; a value with spaces must be single-quoted)"
+        )
+    return key, _skip_blanks(dsn, i + 1)
+
+
+def _quoted_value_at(dsn: str, quote_at: int, key: str) -> tuple[str, int]:
+    """The value in the quotes opening at *quote_at*, and the index after them."""
+    value: list[str] = []
+    i = quote_at + 1
+    while i < len(dsn):
+        if dsn[i] == "'":
+            return "".join(value), i + 1
+        char, i = _char_at(dsn, i)
+        value.append(char)
+    raise InvalidDSNError(
+        f"invalid DSN: the quote at character {quote_at + 1} opening the value "
+        f"of {_keyword(key)} is never closed"
+    )
+
+
+def _plain_value_at(dsn: str, i: int) -> tuple[str, int]:
+    """The unquoted value at *i* (up to a blank), and the index after it."""
+    value: list[str] = []
+    while i < len(dsn) and dsn[i] not in _BLANKS:
+        char, i = _char_at(dsn, i)
+        value.append(char)
+    return "".join(value), i
+
+
+def _char_at(dsn: str, i: int) -> tuple[str, int]:
+    """The character at *i*, or the one a backslash there escapes; and the index after."""
+    if dsn[i] == "\\" and i + 1 < len(dsn):
+        return dsn[i + 1], i + 2
+    return dsn[i], i + 1
 
 
 def key_value_to_url(dsn: str) -> str:

@@ -487,36 +487,40 @@ async def _run_one(
         run.extra["failures"] = sorted({name for t, name in load.failed if start <= t < end})
         run.extra["queries_per_s"] = (load.answered - answered0) / (end - start)
         run.extra["longest_query_ms"] = load.longest_between(start, end) * 1000
-        # A wrong password for the server in use, then the right one again.
-        good = current.dsn
-        answered0 = load.answered
-        t_bad = time.perf_counter()
-        write_atomic(path, current.pg.dsn(ROLE, "wrong-password"))
-        await asyncio.sleep(BAD_SECONDS)
-        answered_bad = load.answered - answered0
-        write_atomic(path, good)
-        t_fix = time.perf_counter()
-        # Answers resume at once where they never stopped; a pool that waits for its
-        # reconnect backoff takes longer, so this wait may outlast BAD_SECONDS.
-        while True:
-            if load.last_answer >= t_fix or time.perf_counter() > t_fix + RECOVERY_LIMIT:
-                break
-            await asyncio.sleep(POLL)
-        resumed = load.last_answer - t_fix if load.last_answer >= t_fix else None
-        await asyncio.sleep(max(0.0, t_fix + BAD_SECONDS - time.perf_counter()))
-        t_end = time.perf_counter()
-        run.extra["wrong"] = {
-            "failed": load.failed_between(t_bad, t_fix),
-            "answered": answered_bad,
-            "longest_query_ms": load.longest_between(t_bad, t_end) * 1000,
-            "answers_resumed_after_fix_ms": None if resumed is None else resumed * 1000,
-            "failed_after_fix": load.failed_between(t_fix, t_end),
-            "answered_after_fix": load.answered - answered0 - answered_bad,
-        }
+        run.extra["wrong"] = await _wrong_password(load, path, current)
     finally:
         await load.stop()
         await alt.close()
     return run
+
+
+async def _wrong_password(load: _Workers, path: Path, current: _Server) -> dict[str, Any]:
+    """A wrong password for the server in use, then the right one again: what the load saw."""
+    good = current.dsn
+    answered0 = load.answered
+    t_bad = time.perf_counter()
+    write_atomic(path, current.pg.dsn(ROLE, "wrong-password"))
+    await asyncio.sleep(BAD_SECONDS)
+    answered_bad = load.answered - answered0
+    write_atomic(path, good)
+    t_fix = time.perf_counter()
+    # Answers resume at once where they never stopped; a pool that waits for its
+    # reconnect backoff takes longer, so this wait may outlast BAD_SECONDS.
+    while True:
+        if load.last_answer >= t_fix or time.perf_counter() > t_fix + RECOVERY_LIMIT:
+            break
+        await asyncio.sleep(POLL)
+    resumed = load.last_answer - t_fix if load.last_answer >= t_fix else None
+    await asyncio.sleep(max(0.0, t_fix + BAD_SECONDS - time.perf_counter()))
+    t_end = time.perf_counter()
+    return {
+        "failed": load.failed_between(t_bad, t_fix),
+        "answered": answered_bad,
+        "longest_query_ms": load.longest_between(t_bad, t_end) * 1000,
+        "answers_resumed_after_fix_ms": None if resumed is None else resumed * 1000,
+        "failed_after_fix": load.failed_between(t_fix, t_end),
+        "answered_after_fix": load.answered - answered0 - answered_bad,
+    }
 
 
 def _summary(run: _Run) -> dict[str, Any]:

@@ -499,7 +499,8 @@ def _plot_load(ax: Any, sul: dict[str, Any]) -> None:
     ax.legend()
 
 
-async def main() -> None:
+def _arguments() -> argparse.Namespace:
+    """The command line, and the sizes of a full or --quick run."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -536,6 +537,11 @@ async def main() -> None:
     args.sul_rounds = 1 if args.quick else 4
     args.sul_switches = 3 if args.quick else 5
     args.alt_changes = 4 if args.quick else 12
+    return args
+
+
+async def main() -> None:
+    args = _arguments()
     only = set(args.only or ROWS)
 
     results: dict[str, Any] = {}

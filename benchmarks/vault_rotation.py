@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -45,6 +46,18 @@ class _FetchTimes(logging.Handler):
             self.times[str(record.args[1])] = time.perf_counter()
 
 
+async def _query(pool: aiohotload.HotPool, stop: asyncio.Event, counts: Counter[str]) -> None:
+    """Query *pool* until *stop*, counting the answers and failures."""
+    while not stop.is_set():
+        try:
+            await pool.fetchval("SELECT 1")
+            counts["ok"] += 1
+        except Exception as exc:
+            counts["failed"] += 1
+            print(f"query failed: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.01)
+
+
 async def run(args: argparse.Namespace, tmp: Path, binary: str) -> None:
     pg = PgServer(tmp / "pg")
     pg.start_sync()
@@ -65,7 +78,7 @@ async def run(args: argparse.Namespace, tmp: Path, binary: str) -> None:
             f"vault://postgres/database/creds/{ROLE}?addr={bao.addr}&host={pg.host}"
             f"&port={pg.port}&dbname=postgres&rotate_before={args.rotate_before}"
         )
-        ok = failed = 0
+        counts: Counter[str] = Counter()
         stop = asyncio.Event()
         pool = await aiohotload.create_pool(url, min_size=2, max_size=args.workers)
 
@@ -75,18 +88,7 @@ async def run(args: argparse.Namespace, tmp: Path, binary: str) -> None:
 
         pool.add_listener(on_swap)
 
-        async def worker() -> None:
-            nonlocal ok, failed
-            while not stop.is_set():
-                try:
-                    await pool.fetchval("SELECT 1")
-                    ok += 1
-                except Exception as exc:
-                    failed += 1
-                    print(f"query failed: {type(exc).__name__}: {exc}")
-                    await asyncio.sleep(0.01)
-
-        tasks = [asyncio.ensure_future(worker()) for _ in range(args.workers)]
+        tasks = [asyncio.ensure_future(_query(pool, stop, counts)) for _ in range(args.workers)]
         started = time.perf_counter()
         while pool.generation < args.rotations:
             await pool.wait_for_swap(timeout=60)
@@ -107,7 +109,7 @@ async def run(args: argparse.Namespace, tmp: Path, binary: str) -> None:
             f"{args.rotations} rotations in {elapsed:.1f} s (ttl {args.ttl}, max_ttl "
             f"{args.max_ttl}, rotate_before {args.rotate_before}), {args.workers} workers"
         )
-        print(f"  queries: {ok} ok, {failed} failed")
+        print(f"  queries: {counts['ok']} ok, {counts['failed']} failed")
         print(
             f"  new credentials to pool switched: median {statistics.median(latencies):.1f} ms, "
             f"max {max(latencies):.1f} ms"

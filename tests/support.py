@@ -55,10 +55,10 @@ class _Acquired:
         self._pool = pool
 
     def __await__(self) -> Generator[Any, None, FakeConnection]:
-        return self._pool._acquire(None).__await__()
+        return self._pool.checkout().__await__()
 
     async def __aenter__(self) -> FakeConnection:
-        return await self._pool._acquire(None)
+        return await self._pool.checkout()
 
     async def __aexit__(
         self,
@@ -83,7 +83,8 @@ class FakePool:
     def acquire(self, *, timeout: float | None = None) -> _Acquired:
         return _Acquired(self)
 
-    async def _acquire(self, timeout: float | None) -> FakeConnection:
+    async def checkout(self) -> FakeConnection:
+        """What ``acquire()`` gives, awaited or entered."""
         self.in_use += 1
         return FakeConnection(self.dsn)
 

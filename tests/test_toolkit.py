@@ -1,7 +1,12 @@
-"""The strategies' shared toolkit: option checks, backoff, quoting and describing errors."""
+"""The strategies' shared toolkit: option checks, backoff, TLS contexts, quoting and
+describing errors."""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
+import certifi
 import pytest
 
 from aiohotload.errors import InvalidOptionError
@@ -11,6 +16,7 @@ from aiohotload.strategies.toolkit import (
     check_options,
     describe_error,
     quoted,
+    tls_context,
 )
 
 PASSWORD = "s3cr3t-pw"
@@ -160,3 +166,63 @@ def test_backoff_doubles_up_to_its_maximum_with_jitter() -> None:
 def test_backoff_spreads_its_delays() -> None:
     backoff = Backoff(first=1.0, maximum=1.0, jitter=0.5)
     assert len({backoff.delay(1) for _ in range(20)}) > 1
+
+
+def test_backoff_below_never_waits_longer_than_the_nominal_delay() -> None:
+    backoff = Backoff(first=1.0, maximum=8.0, jitter=0.5, below=True)
+    nominals = [backoff.delay(n, jitter=False) for n in range(1, 7)]
+    assert nominals == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    for n, nominal in enumerate(nominals, start=1):
+        delays = {backoff.delay(n) for _ in range(20)}
+        assert all(nominal / 2 <= delay <= nominal for delay in delays)
+        assert len(delays) > 1
+
+
+# ---------------------------------------------------------------------------- TLS
+
+
+def test_tls_context_verifies_servers_with_the_given_ca_or_the_systems() -> None:
+    for context in (tls_context(None), tls_context(certifi.where())):
+        assert context.verify_mode is ssl.CERT_REQUIRED
+        assert context.check_hostname
+    assert tls_context(certifi.where()).get_ca_certs()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, r"^option 'ca_file': cannot load '.*nope\.pem': No such file or directory$"),
+        ({"ca_option": "option 'ca_file' (or X_CA)"}, r"^option 'ca_file' \(or X_CA\): "),
+    ],
+)
+def test_an_unreadable_ca_file_names_the_option(
+    tmp_path: Path, kwargs: dict[str, str], message: str
+) -> None:
+    with pytest.raises(InvalidOptionError, match=message):
+        tls_context(str(tmp_path / "nope.pem"), **kwargs)
+
+
+def test_a_ca_file_that_is_not_pem_names_the_option(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text(f"not a certificate, password={PASSWORD}\n")
+    with pytest.raises(InvalidOptionError, match=r"^option 'ca_file': cannot load ") as info:
+        tls_context(str(tmp_path / "ca.pem"))
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "cert_option", "named"),
+    [
+        (False, None, "option 'cert_file'"),
+        (True, None, "options 'cert_file' and 'key_file'"),
+        (True, "option 'cert_file' (or X_CERT)", "option 'cert_file' (or X_CERT)"),
+    ],
+)
+def test_an_unloadable_client_certificate_names_the_options(
+    tmp_path: Path, key: bool, cert_option: str | None, named: str
+) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate\n")
+    key_file = str(tmp_path / "client.key") if key else None
+    with pytest.raises(InvalidOptionError) as info:
+        tls_context(None, str(cert), key_file, cert_option=cert_option)
+    assert str(info.value).startswith(f"{named}: cannot load the client certificate: ")

@@ -28,7 +28,7 @@ from aiohotload.strategies.vault._client import (
 )
 from aiohotload.strategies.vault._dsn import DsnRecipe
 from aiohotload.strategies.vault._dynamic import DynamicCredentials
-from aiohotload.strategies.vault._faults import Backoff, FailureLog
+from aiohotload.strategies.vault._faults import FailureLog, Retries
 from aiohotload.strategies.vault._kv import dsn_from_kv
 from aiohotload.strategies.vault._leases import Lease, Term, margin, replace_at
 from aiohotload.strategies.vault._options import (
@@ -237,13 +237,16 @@ def test_a_token_that_never_expires_is_never_replaced() -> None:
 # ------------------------------------------------------------------ failure pacing
 
 
-def test_backoff_doubles_with_jitter_up_to_a_cap() -> None:
-    backoff = Backoff(first=1.0, cap=8.0)
-    delays = [backoff.failed() for _ in range(6)]
-    for delay, nominal in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+def test_retries_back_off_doubling_with_jitter_up_to_a_cap() -> None:
+    retries = Retries(logging.getLogger("t"), "read x")
+    delays = [retries.failed(100.0, "sealed", "keeping the current DSN") for _ in range(8)]
+    for delay, nominal in zip(delays, [1, 2, 4, 8, 16, 32, 60, 60], strict=True):
         assert nominal / 2 <= delay <= nominal
-    backoff.succeeded()
-    assert backoff.nominal == 0.0
+    assert retries.retry_at == 100.0 + delays[-1]
+    assert retries.failed(100.0, "sealed", "", cap=0.1) == 1.0  # capped, but not below 1 s
+    retries.succeeded()
+    assert (retries.failures, retries.retry_at, retries.trouble) == (0, 0.0, None)
+    assert retries.failed(100.0, "sealed", "keeping the current DSN") <= 1.0  # from the start
 
 
 def test_each_distinct_failure_is_a_warning_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -422,6 +425,48 @@ async def test_released_leases_are_revoked_and_a_refusal_is_reported_once(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "sys/leases/revoke" in warnings[0].getMessage()
     assert all("pw-" not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_token_past_its_max_ttl_is_replaced_at_once_not_retried(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A grant capped by max_ttl to a whole TTL does not look capped; Vault then refuses the
+    # next renewal (with a server error). Retrying it after a backoff would let the token,
+    # and the leases Vault revokes with it, end first.
+    logins: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/auth/approle/login":
+            logins.append(f"token-{len(logins) + 1}")
+            return _ok(
+                {"auth": {"client_token": logins[-1], "lease_duration": 2, "renewable": True}}
+            )
+        assert request.url.path == "/v1/auth/token/renew-self"
+        return httpx.Response(500, json={"errors": ["past the max TTL, cannot renew"]})
+
+    opts = parse_options({**DB, "auth": "approle", "role_id": "r"}, Kind.DYNAMIC, {})
+    client = VaultClient(
+        "http://vault",
+        namespace=None,
+        timeout=5.0,
+        verify=True,
+        secrets=lambda: (),
+        transport=httpx.MockTransport(handle),
+    )
+    auth = Authenticator(client, opts, {}, clock=clock)
+    await auth.start()
+    token = auth.current
+    assert token is not None and not token.term.final
+    clock.now = auth.due()
+    await auth.step(clock.now)
+    assert token.term.final and token.ends == token.term.expires
+    assert auth.due() <= clock.now  # a login is due now, not after a backoff
+    assert auth.trouble is None
+    await auth.step(clock.now)
+    assert logins == ["token-1", "token-2"]
+    assert auth.current is not token
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    await client.aclose()
 
 
 # ------------------------------------------------------------------ the client

@@ -110,14 +110,7 @@ class AwsSecretsManagerStrategy:
         stack = contextlib.AsyncExitStack()
         try:
             client = await _open_client(stack, opts)
-            try:
-                version = await _read(client, secret_id, opts)
-                current = dsn_from_secret(version.text)
-            except _ReadError as exc:
-                raise SourceError(f"cannot read {what}: {exc.reason}") from None
-            except SecretFormatError as exc:
-                raise SourceError(f"{what} {exc.reason}") from None
-            seen = version.version_id
+            current, seen = await _first_dsn(client, secret_id, opts, what)
             logger.info("DSN from %s, version %s: %s", what, seen, redact_dsn(current))
             yield current
 
@@ -166,6 +159,19 @@ class AwsSecretsManagerStrategy:
             # Shielded: a cancelled pool must still close the client's HTTP connections.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await stack.aclose()
+
+
+async def _first_dsn(
+    client: SecretsManagerClient, secret_id: str, opts: _Options, what: str
+) -> tuple[str, str | None]:
+    """The DSN in the secret and its version id; SourceError if it cannot be had."""
+    try:
+        version = await _read(client, secret_id, opts)
+        return dsn_from_secret(version.text), version.version_id
+    except _ReadError as exc:
+        raise SourceError(f"cannot read {what}: {exc.reason}") from None
+    except SecretFormatError as exc:
+        raise SourceError(f"{what} {exc.reason}") from None
 
 
 async def _until_next_poll(

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import shlex
 import signal
 import time
@@ -28,15 +27,15 @@ import anyio
 
 from ..errors import InvalidOptionError, InvalidURLError, SourceError
 from ..redact import redact_dsn, redact_text, secrets_of
-from ..url import _shorten, parse_bool, parse_duration
 from ._secret import SecretFormatError, dsn_from_secret, passwords_in_secret
 from .feedback import Feedback
+from .toolkit import Backoff, OptionReader, describe_error, quoted
 
 __all__ = ["ExecStrategy"]
 
 logger = logging.getLogger(__name__)
 
-_KNOWN_OPTIONS = "args, interval, show_stderr, timeout"
+_KNOWN_OPTIONS = ("args", "interval", "show_stderr", "timeout")
 # A DSN is short; the cap stops a chatty program from filling memory.
 _MAX_OUTPUT = 64 * 1024
 # How much of the (redacted) standard error goes into a warning or an error.
@@ -97,7 +96,7 @@ class ExecStrategy:
 
         last_failure: str | None = None
         while True:
-            due = time.monotonic() + opts.interval * random.uniform(1 - _JITTER, 1 + _JITTER)
+            due = time.monotonic() + _pause(opts.interval)
             await _wait(program, due, started, feedback)
             started = time.monotonic()
             try:
@@ -180,15 +179,7 @@ async def _run(program: str, opts: _Options, *, known: str) -> str:
 
     *known* is the current DSN, whose password is scrubbed from the program's error output.
     """
-    try:
-        proc = await _start(program, opts.args)
-    except FileNotFoundError:
-        raise _RunError("does not exist") from None
-    except PermissionError:
-        raise _RunError("cannot be run: permission denied (is it executable?)") from None
-    except OSError as exc:
-        raise _RunError(f"cannot be run: {exc.strerror or type(exc).__name__}") from None
-
+    proc = await _launch(program, opts.args)
     # Standard error's end is kept: that is where programs say what finally went wrong.
     out, err = _Capture(_MAX_OUTPUT), _Capture(_MAX_OUTPUT, tail=True)
     reaped = False
@@ -204,7 +195,23 @@ async def _run(program: str, opts: _Options, *, known: str) -> str:
         if not reaped:
             # Timed out or cancelled: nothing it started may outlive the run.
             await _kill_and_reap(proc)
+    return _dsn_printed(code, out, err, known, opts)
 
+
+async def _launch(program: str, args: tuple[str, ...]) -> asyncio.subprocess.Process:
+    """The program started; _RunError saying why it cannot be."""
+    try:
+        return await _start(program, args)
+    except FileNotFoundError:
+        raise _RunError("does not exist") from None
+    except PermissionError:
+        raise _RunError("cannot be run: permission denied (is it executable?)") from None
+    except OSError as exc:
+        raise _RunError(f"cannot be run: {describe_error(exc)}") from None
+
+
+def _dsn_printed(code: int, out: _Capture, err: _Capture, known: str, opts: _Options) -> str:
+    """The DSN a run that ended with exit status *code* printed; _RunError if it failed."""
     if code != 0:
         if code < 0:
             status = f"was killed by signal {_signal_name(-code)}"
@@ -301,35 +308,35 @@ def _signal_name(number: int) -> str:
         return str(number)
 
 
+def _pause(interval: float) -> float:
+    """Seconds from one run to the next: *interval*, spread by +-``_JITTER``."""
+    return Backoff(first=interval, maximum=interval, jitter=_JITTER).delay(1)
+
+
 def _program(path: str) -> str:
     if not os.path.isabs(path):
         raise InvalidURLError(
-            f"the exec strategy needs the program's absolute path; got {_shorten(path)!r}"
+            f"the exec strategy needs the program's absolute path; got {quoted(path)}"
         )
     return path
 
 
 def _parse_options(options: Mapping[str, str]) -> _Options:
+    opts = OptionReader("exec", options, _KNOWN_OPTIONS)
     defaults = _Options()
-    interval, timeout, args = defaults.interval, defaults.timeout, defaults.args
-    show_stderr = defaults.show_stderr
-    for name, value in options.items():
-        if name == "show_stderr":
-            show_stderr = parse_bool(name, value)
-        elif name == "interval":
-            interval = parse_duration(name, value, allow_zero=False)
-        elif name == "timeout":
-            timeout = parse_duration(name, value, allow_zero=False)
-        elif name == "args":
-            try:
-                args = tuple(shlex.split(value))
-            except ValueError as exc:
-                # Not quoting the value: arguments may carry a token.
-                raise InvalidOptionError(
-                    f"option 'args' is not valid shell-style quoting: {exc}"
-                ) from None
-        else:
-            raise InvalidOptionError(
-                f"unknown option {_shorten(name)!r} for the exec strategy; known: {_KNOWN_OPTIONS}"
-            )
-    return _Options(interval=interval, timeout=timeout, args=args, show_stderr=show_stderr)
+    args = opts.text("args")
+    return _Options(
+        interval=opts.duration("interval", defaults.interval),
+        timeout=opts.duration("timeout", defaults.timeout),
+        args=defaults.args if args is None else _split_args(args),
+        show_stderr=opts.boolean("show_stderr", defaults.show_stderr),
+    )
+
+
+def _split_args(value: str) -> tuple[str, ...]:
+    """The ``args`` option split as a shell would (no shell runs)."""
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        # Not quoting the value: arguments may carry a token.
+        raise InvalidOptionError(f"option 'args' is not valid shell-style quoting: {exc}") from None

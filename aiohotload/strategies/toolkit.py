@@ -1,5 +1,5 @@
-"""What strategies share: option checks, jittered exponential backoff, and text safe to
-put in a message.
+"""What strategies share: option checks, jittered exponential backoff, a TLS context from
+certificate files, and text safe to put in a message.
 
 The built-in strategies use it; third-party ones may, so that their errors read like the
 built-in ones::
@@ -14,6 +14,8 @@ built-in ones::
     backoff = Backoff(first=0.5, maximum=30.0)
     await anyio.sleep(backoff.delay(failures))   # 0.5, 1, 2, ... 30 s, each spread by +-20%
 
+    verify = tls_context(opts.text("ca_file"), opts.text("cert_file"), opts.text("key_file"))
+
 Every message names the option and quotes what was given through :func:`quoted`, which
 hides password patterns and cuts long text.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import random
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -29,7 +32,14 @@ from ..errors import InvalidOptionError
 from ..redact import redact_text
 from ..url import parse_bool, parse_duration
 
-__all__ = ["Backoff", "OptionReader", "check_options", "describe_error", "quoted"]
+__all__ = [
+    "Backoff",
+    "OptionReader",
+    "check_options",
+    "describe_error",
+    "quoted",
+    "tls_context",
+]
 
 _WHOLE_NUMBER = re.compile(r"\s*([0-9]+)\s*")
 
@@ -130,17 +140,62 @@ class OptionReader:
 class Backoff:
     """Delays between retries: *first* seconds after the first failure, doubling with each
     failure in a row up to *maximum*, each spread at random by +-*jitter* (a fraction), so
-    that many processes retrying after one outage do not retry in lockstep."""
+    that many processes retrying after one outage do not retry in lockstep.
+
+    With *below*, the spread is drawn below the nominal delay only, from ``1 - jitter`` to 1
+    times it ("equal jitter" with ``jitter=0.5``): a delay never exceeds its nominal value,
+    for a caller whose retries must fit before a deadline (the vault strategy's leases).
+    """
 
     first: float
     maximum: float
     jitter: float = 0.2
+    below: bool = False
 
     def delay(self, failures: int, *, jitter: bool = True) -> float:
         """Seconds to wait after the *failures*-th failure in a row (1 or more); without
-        *jitter*, the middle of the spread (for messages)."""
+        *jitter*, the nominal delay (the middle of the spread, or its top with *below*), for
+        messages."""
         # The exponent is capped so that a long outage cannot overflow the float.
         base = min(self.maximum, self.first * 2.0 ** min(max(failures, 1) - 1, 64))
         if not jitter:
             return base
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+        return base * random.uniform(1 - self.jitter, 1 if self.below else 1 + self.jitter)
+
+
+def tls_context(
+    ca_file: str | None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    *,
+    ca_option: str = "option 'ca_file'",
+    cert_option: str | None = None,
+) -> ssl.SSLContext:
+    """A TLS context that verifies servers against the CA bundle *ca_file* (else the
+    system's) and, given *cert_file*, presents that client certificate (its key in
+    *key_file*, else in *cert_file*); all PEM files.
+
+    Raises :class:`~aiohotload.InvalidOptionError` if a file cannot be loaded, naming
+    *ca_option* or *cert_option* (by default ``option 'cert_file'``, or ``options 'cert_file'
+    and 'key_file'`` when a key file is given): how the user spelled what was wrong.
+    """
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidOptionError(
+            f"{ca_option}: cannot load {ca_file!r}: {describe_error(exc)}"
+        ) from None
+    if cert_file:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            if cert_option is None:
+                cert_option = (
+                    "option 'cert_file'"
+                    if key_file is None
+                    else "options 'cert_file' and 'key_file'"
+                )
+            raise InvalidOptionError(
+                f"{cert_option}: cannot load the client certificate: {describe_error(exc)}"
+            ) from None
+    return context

@@ -19,9 +19,9 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("aiohotload.strategies.etcd")
+
+T = TypeVar("T")
 
 # gRPC status codes the gateway reports (google.golang.org/grpc/codes).
 _INVALID_ARGUMENT, _PERMISSION_DENIED, _UNAUTHENTICATED = 3, 7, 16
@@ -203,13 +205,7 @@ class EtcdClient:
                 await response.aclose()
 
     async def _open_watch(self, key: str, start: int) -> tuple[httpx.Response, AsyncIterator[str]]:
-        await self._authenticate_once()
-        try:
-            return await self._create_watch(key, start)
-        except BadTokenError:
-            self._forget_token()
-            await self._authenticate_once()
-            return await self._create_watch(key, start)
+        return await self._with_token(lambda: self._create_watch(key, start))
 
     async def _create_watch(
         self, key: str, start: int
@@ -268,13 +264,18 @@ class EtcdClient:
         return result
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._with_token(lambda: self._post(path, body))
+
+    async def _with_token(self, request: Callable[[], Awaitable[T]]) -> T:
+        """*request* made with the auth token (if any), and once more with a new one if etcd
+        rejects it (expired, or the member restarted)."""
         await self._authenticate_once()
         try:
-            return await self._post(path, body)
+            return await request()
         except BadTokenError:
             self._forget_token()
             await self._authenticate_once()
-            return await self._post(path, body)
+            return await request()
 
     def _forget_token(self) -> None:
         logger.debug("etcd at %s rejected the auth token; authenticating again", self.endpoint)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ...errors import InvalidOptionError, InvalidURLError
-from ..toolkit import OptionReader, describe_error, quoted
+from ..toolkit import OptionReader, quoted, tls_context
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -91,21 +91,7 @@ def ssl_context(opts: EtcdOptions) -> ssl.SSLContext | None:
     """The TLS context for the TLS options, or None to use httpx's defaults."""
     if not opts.tls:
         return None
-    try:
-        context = ssl.create_default_context(cafile=opts.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidOptionError(
-            f"option 'ca_file': cannot load {opts.ca_file!r}: {describe_error(exc)}"
-        ) from None
-    if opts.cert_file:
-        try:
-            context.load_cert_chain(opts.cert_file, opts.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            names = "'cert_file'" if opts.key_file is None else "'cert_file' and 'key_file'"
-            raise InvalidOptionError(
-                f"options {names}: cannot load the client certificate: {describe_error(exc)}"
-            ) from None
-    return context
+    return tls_context(opts.ca_file, opts.cert_file, opts.key_file)
 
 
 def _file_option(opts: OptionReader, name: str) -> str | None:

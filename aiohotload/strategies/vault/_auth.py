@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from ._client import VaultClient, VaultDenied, VaultError, VaultRejected
-from ._faults import Backoff, FailureLog
+from ._faults import Retries
 from ._leases import Term, replace_at
 from ._options import AuthMethod, VaultOptions
 
@@ -75,15 +75,13 @@ class Authenticator:
         self._tokens: list[Token] = []  # every token we logged in for, not yet revoked
         # For scrubbing error text, oldest first: credentials for Vault, database passwords.
         self._secrets: tuple[dict[str, None], dict[str, None]] = ({}, {})
-        self._backoff = Backoff()
-        self._retry_at = 0.0
-        self._failures = FailureLog(logger, "renew the Vault token")
+        self._retries = Retries(logger, "renew the Vault token")
         self._warned_end = False
 
     @property
     def trouble(self) -> str | None:
         """What keeps the token from being renewed now (safe to show), or None."""
-        return self._failures.trouble
+        return self._retries.trouble
 
     @property
     def method(self) -> str:
@@ -114,12 +112,12 @@ class Authenticator:
         """When :meth:`step` has work: a renewal, or a login before the token ends."""
         token = self.current
         if token is None:
-            return self._retry_at
+            return self._retries.retry_at
         if token.term.final:
             when = replace_at(token.term, self._opts.rotate_before)
         else:
             when = token.term.renew_at
-        return max(when, self._retry_at)
+        return max(when, self._retries.retry_at)
 
     async def step(self, now: float) -> None:
         """Renew the token, or replace it, if due; failures are logged and retried."""
@@ -130,20 +128,16 @@ class Authenticator:
             if token is None or token.term.final:
                 if not await self.replace(reason="it ends soon" if token else "there is none"):
                     # The same token from its source: look there again later.
-                    self._retry_at = now + self._opts.interval
+                    self._retries.retry_at = now + self._opts.interval
                     return
             else:
                 await self._renew(token, now)
         except VaultError as exc:
-            delay = self._backoff.failed()
-            self._retry_at = self.clock() + delay
             if token is not None and not token.term.final and isinstance(exc, VaultDenied):
                 token.term = token.term.finalized()  # expired or revoked: log in again
-            self._failures.failed(exc.reason, "keeping the current token", delay)
+            self._retries.failed(self.clock(), exc.reason, "keeping the current token")
         else:
-            self._backoff.succeeded()
-            self._retry_at = 0.0
-            self._failures.recovered()
+            self._retries.succeeded()
 
     async def replace(self, *, reason: str) -> bool:
         """Get a new token now (log in again, or re-read the token's source); False if the
@@ -190,7 +184,19 @@ class Authenticator:
 
     async def _renew(self, token: Token, now: float) -> None:
         body = {"increment": f"{max(1, round(token.term.duration))}s"}
-        data = await self._client.post("auth/token/renew-self", body, token=token.value)
+        try:
+            data = await self._client.post("auth/token/renew-self", body, token=token.value)
+        except VaultError as exc:
+            # A server error here, not a 4xx as for a lease: the text is what tells.
+            if "past the max ttl" not in exc.reason.lower():
+                raise
+            # It ends as last granted: log in again now, not after retrying a renewal that
+            # cannot succeed, so that the pool moves to leases of the new token before
+            # Vault revokes this one's with it. (A grant capped to a whole TTL by max_ttl
+            # does not look capped, so this is where such a token is seen to be final.)
+            token.term = token.term.finalized()
+            logger.info("the Vault token from %s cannot be renewed: %s", token.source, exc.reason)
+            return
         auth = _auth_of(data)
         ttl = _number(auth.get("lease_duration"))
         token.term = token.term.renewed(now, ttl, fraction=self._opts.renew_fraction)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 from ...errors import InvalidOptionError
-from ...url import _shorten
+from ..toolkit import quoted
 
 __all__ = ["DSN_PARAMS", "DsnRecipe"]
 
@@ -48,7 +48,7 @@ class DsnRecipe:
             if "{username}" not in template or "{password}" not in template:
                 raise InvalidOptionError(
                     "option 'template' must contain '{username}' and '{password}'; "
-                    f"got {_shorten(template)!r}"
+                    f"got {quoted(template)}"
                 )
             return cls(template=template.strip())
         host = options.get("host", "").strip()
@@ -59,7 +59,7 @@ class DsnRecipe:
             )
         port = options.get("port", "5432").strip()
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidOptionError(f"option 'port' must be 1 to 65535; got {_shorten(port)!r}")
+            raise InvalidOptionError(f"option 'port' must be 1 to 65535; got {quoted(port)}")
         dbname = options.get("dbname", "").strip() or None
         params = tuple((k, options[k]) for k in DSN_PARAMS if k in options)
         return cls(host=host, port=int(port), dbname=dbname, params=params)
@@ -67,10 +67,10 @@ class DsnRecipe:
     def dsn(self, username: str, password: str) -> str:
         """The DSN for these credentials, each quoted for the DSN's form."""
         if self.template is not None:
-            quoted = _url_quote if self.template.startswith(_URL_SCHEMES) else _kv_quote
+            escape = _url_quote if self.template.startswith(_URL_SCHEMES) else _kv_quote
             # replace, not str.format: other braces in the template stay as written.
-            return self.template.replace("{username}", quoted(username)).replace(
-                "{password}", quoted(password)
+            return self.template.replace("{username}", escape(username)).replace(
+                "{password}", escape(password)
             )
         assert self.host is not None
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host

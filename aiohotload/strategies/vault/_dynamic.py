@@ -11,33 +11,29 @@ import anyio
 
 from ._auth import Authenticator
 from ._client import Unavailable, VaultClient, VaultDenied, VaultError, VaultRejected
-from ._faults import Backoff, FailureLog
+from ._faults import Retries
 from ._leases import Lease, Term, margin, replace_at
 from ._options import SecretPath, VaultOptions
-from ._source import Pacing, with_token
+from ._source import SourceBase, with_token
 
 __all__ = ["DynamicCredentials"]
 
 logger = logging.getLogger("aiohotload.strategies.vault")
 
 
-class DynamicCredentials:
+class DynamicCredentials(SourceBase):
     """The :class:`~._source.Source` for ``<mount>/creds/<role>``."""
 
     def __init__(
         self, client: VaultClient, auth: Authenticator, path: SecretPath, opts: VaultOptions
     ) -> None:
-        self._client = client
-        self._auth = auth
-        self._path = path
-        self._opts = opts
+        super().__init__(
+            client, auth, path, opts, what=f"renew or replace the credentials from {path}"
+        )
         self.current: Lease | None = None
         self._leases: dict[str, Lease] = {}  # by DSN: every lease yielded, not yet released
         self._released: list[Lease] = []  # to revoke
-        self._pacing = Pacing(f"renew or replace the credentials from {path}")
-        self._revoke_backoff = Backoff()
-        self._revoke_at = 0.0
-        self._revoke_log = FailureLog(logger, "revoke leases")
+        self._revoking = Retries(logger, "revoke leases")
         self._revoke_denied = False
 
     @property
@@ -48,11 +44,6 @@ class DynamicCredentials:
     async def start(self) -> str:
         return (await self._fetch(self._auth.clock(), "first credentials")).dsn
 
-    @property
-    def trouble(self) -> str | None:
-        """What keeps this source from reading Vault now (safe to show), or None."""
-        return self._pacing.trouble
-
     def due(self) -> float:
         when = self._pacing.refresh_at
         lease = self.current
@@ -60,11 +51,8 @@ class DynamicCredentials:
             when = min(when, lease.term.renew_at, self._replace_at(lease))
         when = max(when, self._pacing.retry_at)
         if self._released:
-            when = min(when, self._revoke_at)
+            when = min(when, self._revoking.retry_at)
         return when
-
-    def refresh(self, now: float) -> None:
-        self._pacing.request_refresh(now)
 
     def release(self, dsn: str) -> None:
         lease = self._leases.pop(dsn, None)
@@ -75,41 +63,51 @@ class DynamicCredentials:
         self._released.append(lease)
 
     async def step(self, now: float) -> str | None:
-        if self._released and now >= self._revoke_at:
+        if self._released and now >= self._revoking.retry_at:
             await self._revoke_released(now)
         lease = self.current
         if now < self._pacing.retry_at:
             return None
         try:
-            if now >= self._pacing.refresh_at:
-                return (await self._fetch(now, "the pool asked for them")).dsn
-            if lease is None:
-                return None
-            if now >= self._replace_at(lease):
-                return (await self._replace(lease, now)).dsn
-            if now >= lease.term.renew_at:
-                await self._renew(lease, now)
+            return await self._renew_or_replace(lease, now)
         except VaultError as exc:
-            cap = math.inf
-            if lease is not None and lease.term.final:
-                left = min(lease.term.expires, lease.owner.ends or math.inf) - now
-                consequence = f"keeping the current DSN; its lease ends in {left:.0f}s"
-                if left > 0:  # several more tries before the end, whatever the backoff
-                    cap = left / 4
-            else:
-                consequence = "keeping the current DSN"
-            delay = self._pacing.failed(now, exc.reason, consequence, cap=cap)
-            if lease is not None and not lease.term.final:
-                # A renewal that keeps failing gives up once the lease would end before the
-                # pool could switch: then new credentials are due.
-                end = lease.term.expires
-                last_chance = end - margin(lease.term, self._opts.rotate_before, end)
-                if now + delay >= last_chance:
-                    lease.term = lease.term.finalized()
-                    self._pacing.retry_at = max(now, min(self._pacing.retry_at, last_chance))
-                else:
-                    lease.term = lease.term.retry_renewal(now + delay)
+            self._retry_later(lease, now, exc.reason)
         return None
+
+    async def _renew_or_replace(self, lease: Lease | None, now: float) -> str | None:
+        """Fetch new credentials if asked for or due, else renew *lease* if due; the new
+        DSN, or None. Raises VaultError."""
+        if now >= self._pacing.refresh_at:
+            return (await self._fetch(now, "the pool asked for them")).dsn
+        if lease is None:
+            return None
+        if now >= self._replace_at(lease):
+            return (await self._replace(lease, now)).dsn
+        if now >= lease.term.renew_at:
+            await self._renew(lease, now)
+        return None
+
+    def _retry_later(self, lease: Lease | None, now: float, reason: str) -> None:
+        """Back off after a failure with *lease* current, retrying in time for its end."""
+        cap = math.inf
+        if lease is not None and lease.term.final:
+            left = min(lease.term.expires, lease.owner.ends or math.inf) - now
+            consequence = f"keeping the current DSN; its lease ends in {left:.0f}s"
+            if left > 0:  # several more tries before the end, whatever the backoff
+                cap = left / 4
+        else:
+            consequence = "keeping the current DSN"
+        delay = self._pacing.failed(now, reason, consequence, cap=cap)
+        if lease is not None and not lease.term.final:
+            # A renewal that keeps failing gives up once the lease would end before the
+            # pool could switch: then new credentials are due.
+            end = lease.term.expires
+            last_chance = end - margin(lease.term, self._opts.rotate_before, end)
+            if now + delay >= last_chance:
+                lease.term = lease.term.finalized()
+                self._pacing.retry_at = max(now, min(self._pacing.retry_at, last_chance))
+            else:
+                lease.term = lease.term.retry_renewal(now + delay)
 
     async def close(self) -> bool:
         released, self._released = self._released, []
@@ -222,12 +220,9 @@ class DynamicCredentials:
                 )
             except VaultError as exc:
                 pending.append(lease)
-                delay = self._revoke_backoff.failed()
-                self._revoke_at = now + delay
-                self._revoke_log.failed(exc.reason, "retrying", delay)
+                self._revoking.failed(now, exc.reason, "retrying")
         if not pending:
-            self._revoke_backoff.succeeded()
-            self._revoke_log.recovered()
+            self._revoking.succeeded()
         self._released = pending
 
     async def _revoke(self, lease: Lease) -> None:

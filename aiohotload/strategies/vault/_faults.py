@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import logging
-import random
+import math
 
-__all__ = ["Backoff", "FailureLog"]
+from ..toolkit import Backoff
+
+__all__ = ["BACKOFF", "FailureLog", "Retries"]
 
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
-
-
-class Backoff:
-    """Delays after consecutive failures: doubling from 1 s to 60 s, each drawn from the
-    upper half (so replicas that failed together do not retry together)."""
-
-    def __init__(self, first: float = MIN_BACKOFF, cap: float = MAX_BACKOFF) -> None:
-        self.failures = 0
-        self._first = first
-        self._cap = cap
-
-    def failed(self) -> float:
-        """Count a failure; the seconds to wait before the next attempt."""
-        self.failures += 1
-        return self.nominal * random.uniform(0.5, 1.0)
-
-    @property
-    def nominal(self) -> float:
-        """The delay before jitter after the failures so far."""
-        if not self.failures:
-            return 0.0
-        return min(self._cap, self._first * 2.0 ** min(self.failures - 1, 30))
-
-    def succeeded(self) -> None:
-        self.failures = 0
+#: Delays after failures in a row: doubling from 1 s to 60 s, each drawn from the upper half
+#: (so replicas that failed together do not retry together, and no delay is longer than its
+#: nominal value: the retries before a lease ends are counted on that).
+BACKOFF = Backoff(first=MIN_BACKOFF, maximum=MAX_BACKOFF, jitter=0.5, below=True)
 
 
 class FailureLog:
@@ -71,3 +52,34 @@ class FailureLog:
         if self._last is not None:
             self._logger.info("can %s again", self._what)
             self._last = None
+
+
+class Retries:
+    """One kind of operation retried after failures: when it may run again
+    (:attr:`retry_at`, monotonic seconds; 0 when not failing), on :data:`BACKOFF`, each
+    failure logged once (:class:`FailureLog`)."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.retry_at = 0.0
+        self.failures = 0  # in a row
+        self._log = FailureLog(logger, what)
+
+    @property
+    def trouble(self) -> str | None:
+        """What fails now (safe to show), or None."""
+        return self._log.trouble
+
+    def failed(self, now: float, reason: str, consequence: str, *, cap: float = math.inf) -> float:
+        """Log a failure at *now* and set :attr:`retry_at`, at most *cap* seconds away (but
+        at least :data:`MIN_BACKOFF`); the delay."""
+        self.failures += 1
+        delay = min(BACKOFF.delay(self.failures), max(MIN_BACKOFF, cap))
+        self.retry_at = now + delay
+        self._log.failed(reason, consequence, delay)
+        return delay
+
+    def succeeded(self) -> None:
+        """It worked: no more backoff."""
+        self.failures = 0
+        self.retry_at = 0.0
+        self._log.recovered()

@@ -6,35 +6,28 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 from .._secret import SecretFormatError, dsn_from_secret, passwords_in_secret
 from ._auth import Authenticator
 from ._client import Unavailable, VaultClient, VaultDenied, VaultError, VaultRejected
 from ._options import SecretPath, VaultOptions
-from ._source import Pacing, with_token
+from ._source import PolledSource, with_token
 
 __all__ = ["KvSecret", "dsn_from_kv"]
 
 logger = logging.getLogger("aiohotload.strategies.vault")
 
 
-class KvSecret:
+class KvSecret(PolledSource):
     """The :class:`~._source.Source` for ``<mount>/data/<path>``."""
 
     def __init__(
         self, client: VaultClient, auth: Authenticator, path: SecretPath, opts: VaultOptions
     ) -> None:
-        self._client = client
-        self._auth = auth
-        self._path = path
-        self._opts = opts
-        self._dsn = ""
+        super().__init__(client, auth, path, opts)
         self._version = 0
-        self._next_poll = math.inf
         self._metadata = True  # False once the token may not read the metadata
-        self._pacing = Pacing(f"read {path}")
 
     async def start(self) -> str:
         now = self._auth.clock()
@@ -45,41 +38,34 @@ class KvSecret:
             raise VaultRejected(f"version {version} {exc.reason}") from None
         self._version = version
         self._pacing.read_done(now)
-        self._next_poll = now + self._opts.interval
+        self._next_read = now + self._opts.interval
         return self._dsn
-
-    @property
-    def trouble(self) -> str | None:
-        """What keeps this source from reading Vault now (safe to show), or None."""
-        return self._pacing.trouble
-
-    def due(self) -> float:
-        return max(min(self._next_poll, self._pacing.refresh_at), self._pacing.retry_at)
-
-    def refresh(self, now: float) -> None:
-        self._pacing.request_refresh(now)
-
-    def release(self, dsn: str) -> None:
-        """Nothing to free."""
-
-    async def close(self) -> bool:
-        return True
 
     async def step(self, now: float) -> str | None:
         if now < self.due():
             return None
-        refresh = now >= self._pacing.refresh_at
         try:
-            if not refresh and await self._current_version() == self._version:
-                self._next_poll = now + self._opts.interval
-                self._pacing.succeeded()
-                return None
-            version, data = await self._read()
+            read = await self._poll(now)
         except VaultError as exc:
             self._pacing.failed(now, exc.reason, "keeping the current DSN")
             return None
+        return None if read is None else self._accept(*read)
+
+    async def _poll(self, now: float) -> tuple[int, dict[str, Any]] | None:
+        """The secret's version and fields, read unless its metadata shows the version we
+        have (and no refresh is asked for): then None. Raises VaultError."""
+        refresh = now >= self._pacing.refresh_at
+        if not refresh and await self._current_version() == self._version:
+            self._next_read = now + self._opts.interval
+            self._pacing.succeeded()
+            return None
+        version, data = await self._read()
         self._pacing.read_done(now)
-        self._next_poll = now + self._opts.interval
+        self._next_read = now + self._opts.interval
+        return version, data
+
+    def _accept(self, version: int, data: dict[str, Any]) -> str | None:
+        """The DSN of *version* if it is new and differs from the current one."""
         if version == self._version:
             return None
         self._version = version  # an unusable version is reported once, not at every poll

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ...errors import InvalidOptionError, InvalidURLError
-from ...url import _shorten, parse_duration
+from ...url import parse_duration
+from ..toolkit import check_options, quoted
 from ._dsn import DSN_PARAMS, DsnRecipe
 
 __all__ = ["AuthMethod", "Kind", "SecretPath", "VaultOptions", "parse_options", "parse_path"]
@@ -110,7 +111,7 @@ def parse_path(path: str) -> SecretPath:
         raise InvalidURLError(
             "the vault strategy needs a path such as 'vault://postgres/database/creds/<role>', "
             "'.../database/static-creds/<role>' or '.../secret/data/<path>'; "
-            f"got {_shorten(path)!r}"
+            f"got {quoted(path)}"
         )
     # The mount is at least one segment; the first kind word after it decides.
     for index, segment in enumerate(segments[1:], start=1):
@@ -119,11 +120,11 @@ def parse_path(path: str) -> SecretPath:
                 name = "/".join(segments[index + 1 :])
                 if kind is not Kind.KV and "/" in name:
                     raise InvalidURLError(
-                        f"vault path {_shorten(text)!r}: a database role name has no '/'"
+                        f"vault path {quoted(text)}: a database role name has no '/'"
                     )
                 return SecretPath(kind, "/".join(segments[:index]), name)
     raise InvalidURLError(
-        f"vault path {_shorten(text)!r} reads no database credentials nor KV v2 secret: expected "
+        f"vault path {quoted(text)} reads no database credentials nor KV v2 secret: expected "
         "'<mount>/creds/<role>', '<mount>/static-creds/<role>' or '<mount>/data/<path>'"
     )
 
@@ -135,16 +136,24 @@ def parse_options(
     reads it: ``VAULT_ADDR``, ``VAULT_NAMESPACE``, ``VAULT_CACERT``, ``VAULT_CLIENT_CERT``,
     ``VAULT_CLIENT_KEY`` (OpenBao's ``BAO_*`` names too)."""
     env = os.environ if environ is None else environ
-    for name in options:
-        if name not in _KNOWN:
-            raise InvalidOptionError(
-                f"unknown option {_shorten(name)!r} for the vault strategy; "
-                f"known: {', '.join(_KNOWN)}"
-            )
+    check_options("vault", options, _KNOWN)
+    values: dict[str, object] = {
+        name: parse_duration(name, options[name], allow_zero=name != "timeout")
+        for name in _DURATIONS
+        if name in options
+    }
+    values.update(_files(options, env))
+    values["addr"] = _addr(options.get("addr") or _env(env, "ADDR") or DEFAULT_ADDR)
+    namespace = options.get("namespace", _env(env, "NAMESPACE") or "").strip().strip("/")
+    values["namespace"] = namespace or None
+    values.update(_auth(options))
+    values.update(_secret(options, kind))
+    return VaultOptions(**values)  # type: ignore[arg-type]
+
+
+def _files(options: Mapping[str, str], env: Mapping[str, str]) -> dict[str, object]:
+    """The file options: TLS files (from the environment by default), credential files."""
     values: dict[str, object] = {}
-    for name in _DURATIONS:
-        if name in options:
-            values[name] = parse_duration(name, options[name], allow_zero=name != "timeout")
     for name, variable in (
         ("ca_file", "CACERT"),
         ("cert_file", "CLIENT_CERT"),
@@ -158,12 +167,16 @@ def parse_options(
             values[name] = _file(name, options[name])
     if values.get("key_file") and not values.get("cert_file"):
         raise InvalidOptionError("option 'key_file' needs 'cert_file' (the client certificate)")
-    values["addr"] = _addr(options.get("addr") or _env(env, "ADDR") or DEFAULT_ADDR)
-    namespace = options.get("namespace", _env(env, "NAMESPACE") or "").strip().strip("/")
-    values["namespace"] = namespace or None
+    return values
+
+
+def _auth(options: Mapping[str, str]) -> dict[str, object]:
+    """How to log in: the method, its mount, and its own options (no other method's)."""
     method = _method(options)
-    values["auth"] = method
-    values["auth_mount"] = _mount(options.get("auth_mount", method.value))
+    values: dict[str, object] = {
+        "auth": method,
+        "auth_mount": _mount(options.get("auth_mount", method.value)),
+    }
     for other, names in _METHOD_OPTIONS.items():
         given = sorted(names & set(options))
         if other is not method and given:
@@ -177,6 +190,12 @@ def parse_options(
         if not role:
             raise InvalidOptionError("auth=kubernetes needs option 'role' (the Vault role)")
         values["role"] = role
+    return values
+
+
+def _secret(options: Mapping[str, str], kind: Kind) -> dict[str, object]:
+    """The options about the secret of *kind*: renewal, a KV field, or the DSN recipe."""
+    values: dict[str, object] = {}
     if "renew_fraction" in options:
         values["renew_fraction"] = _fraction(options["renew_fraction"])
     if "field" in options:
@@ -186,15 +205,14 @@ def parse_options(
             raise InvalidOptionError("option 'field' is empty")
         values["field"] = options["field"].strip()
     dsn_options = {k: v for k, v in options.items() if k in _DSN_OPTIONS}
-    if kind is Kind.KV:
-        if dsn_options:
-            raise InvalidOptionError(
-                f"option {sorted(dsn_options)[0]!r} builds a DSN from database credentials; "
-                "a KV secret holds the DSN itself"
-            )
-    else:
+    if kind is not Kind.KV:
         values["recipe"] = DsnRecipe.from_options(dsn_options)
-    return VaultOptions(**values)  # type: ignore[arg-type]
+    elif dsn_options:
+        raise InvalidOptionError(
+            f"option {sorted(dsn_options)[0]!r} builds a DSN from database credentials; "
+            "a KV secret holds the DSN itself"
+        )
+    return values
 
 
 def _env(env: Mapping[str, str], suffix: str) -> str | None:
@@ -210,7 +228,7 @@ def _file(name: str, value: str) -> str:
 def _addr(value: str) -> str:
     text = value.strip().rstrip("/")
     bad = InvalidOptionError(
-        f"option 'addr' (or VAULT_ADDR) must be http(s)://host[:port]; got {_shorten(value)!r}"
+        f"option 'addr' (or VAULT_ADDR) must be http(s)://host[:port]; got {quoted(value)}"
     )
     try:
         parts = urlsplit(text)
@@ -233,14 +251,14 @@ def _method(options: Mapping[str, str]) -> AuthMethod:
     except ValueError:
         known = ", ".join(m.value for m in AuthMethod)
         raise InvalidOptionError(
-            f"option 'auth' must be one of {known}; got {_shorten(value)!r}"
+            f"option 'auth' must be one of {known}; got {quoted(value)}"
         ) from None
 
 
 def _mount(value: str) -> str:
     mount = value.strip().strip("/")
     if not mount or any(not s for s in mount.split("/")):
-        raise InvalidOptionError(f"option 'auth_mount' is not a mount path: {_shorten(value)!r}")
+        raise InvalidOptionError(f"option 'auth_mount' is not a mount path: {quoted(value)}")
     return mount
 
 
@@ -263,6 +281,6 @@ def _fraction(value: str) -> float:
         number = -1.0
     if not 0.1 <= number <= 0.9:
         raise InvalidOptionError(
-            f"option 'renew_fraction' must be a number from 0.1 to 0.9; got {_shorten(value)!r}"
+            f"option 'renew_fraction' must be a number from 0.1 to 0.9; got {quoted(value)}"
         )
     return number

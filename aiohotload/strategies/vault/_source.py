@@ -9,10 +9,11 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from ._auth import Authenticator
-from ._client import VaultDenied
-from ._faults import MIN_BACKOFF, Backoff, FailureLog
+from ._client import VaultClient, VaultDenied
+from ._faults import Retries
+from ._options import SecretPath, VaultOptions
 
-__all__ = ["REFRESH_GAP", "Pacing", "Source", "with_token"]
+__all__ = ["REFRESH_GAP", "Pacing", "PolledSource", "Source", "SourceBase", "with_token"]
 
 logger = logging.getLogger("aiohotload.strategies.vault")
 
@@ -58,21 +59,14 @@ class Source(Protocol):
         ...
 
 
-class Pacing:
+class Pacing(Retries):
     """When a source may act: refreshes at most every :data:`REFRESH_GAP`, and retries
     after failures with backoff, each failure logged once."""
 
     def __init__(self, what: str) -> None:
+        super().__init__(logger, what)
         self.refresh_at = math.inf
-        self.retry_at = 0.0
         self._last_read = -math.inf
-        self._backoff = Backoff()
-        self._log = FailureLog(logger, what)
-
-    @property
-    def trouble(self) -> str | None:
-        """What fails now (safe to show), or None."""
-        return self._log.trouble
 
     def request_refresh(self, now: float) -> None:
         self.refresh_at = min(self.refresh_at, max(now, self._last_read + REFRESH_GAP))
@@ -83,18 +77,54 @@ class Pacing:
         self.refresh_at = math.inf
         self.succeeded()
 
-    def succeeded(self) -> None:
-        """A request succeeded: no more backoff."""
-        self._backoff.succeeded()
-        self.retry_at = 0.0
-        self._log.recovered()
 
-    def failed(self, now: float, reason: str, consequence: str, *, cap: float = math.inf) -> float:
-        """Log a failure and set :attr:`retry_at`, at most *cap* seconds away; the delay."""
-        delay = min(self._backoff.failed(), max(MIN_BACKOFF, cap))
-        self.retry_at = now + delay
-        self._log.failed(reason, consequence, delay)
-        return delay
+class SourceBase:
+    """What every :class:`Source` holds: the client, the authenticator, the secret's path,
+    the options, and the :class:`Pacing` of its requests (*what* they do, for messages)."""
+
+    def __init__(
+        self,
+        client: VaultClient,
+        auth: Authenticator,
+        path: SecretPath,
+        opts: VaultOptions,
+        *,
+        what: str,
+    ) -> None:
+        self._client = client
+        self._auth = auth
+        self._path = path
+        self._opts = opts
+        self._pacing = Pacing(what)
+
+    @property
+    def trouble(self) -> str | None:
+        """What keeps this source from reading Vault now (safe to show), or None."""
+        return self._pacing.trouble
+
+    def refresh(self, now: float) -> None:
+        self._pacing.request_refresh(now)
+
+
+class PolledSource(SourceBase):
+    """A secret read again at :attr:`_next_read` (or on a refresh), that holds nothing to
+    free: a static role's password, a KV secret."""
+
+    def __init__(
+        self, client: VaultClient, auth: Authenticator, path: SecretPath, opts: VaultOptions
+    ) -> None:
+        super().__init__(client, auth, path, opts, what=f"read {path}")
+        self._dsn = ""
+        self._next_read = math.inf
+
+    def due(self) -> float:
+        return max(min(self._next_read, self._pacing.refresh_at), self._pacing.retry_at)
+
+    def release(self, dsn: str) -> None:
+        """Nothing to free: the DSN's user outlives it."""
+
+    async def close(self) -> bool:
+        return True
 
 
 async def with_token(auth: Authenticator, call: Callable[[], Awaitable[T]]) -> T:

@@ -12,7 +12,7 @@ from typing import Any
 from ._auth import Authenticator
 from ._client import Unavailable, VaultClient, VaultError
 from ._options import SecretPath, VaultOptions
-from ._source import Pacing, with_token
+from ._source import PolledSource, with_token
 
 __all__ = ["StaticCredentials"]
 
@@ -24,43 +24,20 @@ POLL = 0.25
 WAIT = 15.0
 
 
-class StaticCredentials:
+class StaticCredentials(PolledSource):
     """The :class:`~._source.Source` for ``<mount>/static-creds/<role>``."""
 
     def __init__(
         self, client: VaultClient, auth: Authenticator, path: SecretPath, opts: VaultOptions
     ) -> None:
-        self._client = client
-        self._auth = auth
-        self._path = path
-        self._opts = opts
-        self._dsn = ""
+        super().__init__(client, auth, path, opts)
         self._rotation_due = math.inf  # when Vault will next rotate the password
-        self._next_read = math.inf
-        self._pacing = Pacing(f"read {path}")
 
     async def start(self) -> str:
         now = self._auth.clock()
         self._dsn = self._apply(await self._read(), now)
         self._pacing.read_done(now)
         return self._dsn
-
-    @property
-    def trouble(self) -> str | None:
-        """What keeps this source from reading Vault now (safe to show), or None."""
-        return self._pacing.trouble
-
-    def due(self) -> float:
-        return max(min(self._next_read, self._pacing.refresh_at), self._pacing.retry_at)
-
-    def refresh(self, now: float) -> None:
-        self._pacing.request_refresh(now)
-
-    def release(self, dsn: str) -> None:
-        """Nothing to free: the user outlives its passwords."""
-
-    async def close(self) -> bool:
-        return True
 
     async def step(self, now: float) -> str | None:
         if now < self.due():

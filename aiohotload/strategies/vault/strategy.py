@@ -9,9 +9,10 @@ from collections.abc import AsyncGenerator, Mapping
 
 import anyio
 
-from ...errors import InvalidOptionError, SourceError
+from ...errors import SourceError
 from ...redact import redact_dsn
 from ..feedback import Feedback
+from ..toolkit import tls_context
 from ._auth import Authenticator
 from ._client import VaultClient, VaultDenied, VaultError
 from ._dynamic import DynamicCredentials
@@ -134,24 +135,10 @@ def _ssl_context(opts: VaultOptions) -> ssl.SSLContext | bool:
     """The TLS context for the CA and client certificate options, or True (the defaults)."""
     if not (opts.ca_file or opts.cert_file):
         return True
-    try:
-        context = ssl.create_default_context(cafile=opts.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidOptionError(
-            f"option 'ca_file' (or VAULT_CACERT): cannot load {opts.ca_file!r}: {_reason(exc)}"
-        ) from None
-    if opts.cert_file:
-        try:
-            context.load_cert_chain(opts.cert_file, opts.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidOptionError(
-                f"option 'cert_file' (or VAULT_CLIENT_CERT): cannot load the client "
-                f"certificate: {_reason(exc)}"
-            ) from None
-    return context
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    return tls_context(
+        opts.ca_file,
+        opts.cert_file,
+        opts.key_file,
+        ca_option="option 'ca_file' (or VAULT_CACERT)",
+        cert_option="option 'cert_file' (or VAULT_CLIENT_CERT)",
+    )
