@@ -11,6 +11,9 @@ Every function takes any pool or connection: anything that is not asyncpg's own 
 driver's pool) is left alone, and the caller falls back to the public API.
 """
 
+# This module is the one place where asyncpg's private names are used (see above).
+# ruff: noqa: SLF001
+
 from __future__ import annotations
 
 import asyncio
