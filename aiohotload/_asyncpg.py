@@ -44,6 +44,7 @@ __all__ = [
     "fast_acquire",
     "idle",
     "in_use",
+    "raise_floor",
     "stop_refilling",
     "wake_waiters",
 ]
@@ -119,6 +120,23 @@ def disarm(pool: object) -> None:
     if isinstance(pool, asyncpg.Pool):
         for holder in pool._holders:  # type: ignore[attr-defined]
             holder._maybe_cancel_inactive_callback()
+
+
+def raise_floor(pool: object, min_size: int) -> None:
+    """Make *pool*, opened with ``min_size=1`` to be swapped in at its first connection, keep
+    *min_size* connections from now on.
+
+    asyncpg 0.32 refuses an ``init_size`` below ``min_size``, so a pool that opens one
+    connection has ``min_size=1``; setting ``Pool._minsize`` and scheduling its floor upkeep
+    (``Pool._schedule_min_size_maintenance()``) opens the rest in the background. Before 0.32
+    ``min_size`` only sized the first connections: the pool then grows as callers need it.
+    """
+    if not isinstance(pool, asyncpg.Pool):
+        return
+    pool._minsize = min_size  # type: ignore[attr-defined]
+    schedule = getattr(pool, "_schedule_min_size_maintenance", None)
+    if schedule is not None:
+        schedule()
 
 
 def stop_refilling(pool: object) -> None:

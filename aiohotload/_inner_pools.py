@@ -23,6 +23,8 @@ __all__ = ["Inner", "InnerPools", "Retired"]
 
 logger = logging.getLogger("aiohotload")
 
+# asyncpg's default min_size.
+_DEFAULT_MIN_SIZE = 10
 # How a new connection shows that its server does not take writes.
 _NOT_WRITABLE = "a new connection found a server that does not take writes"
 # Bound on closing an idle connection of a retired pool (its server may have gone silent).
@@ -73,13 +75,25 @@ class InnerPools:
         self._follow_primary = follow_primary
         self.on_login_refused: Callable[[Generation], None] = lambda gen: None
         self.on_not_writable: Callable[[Generation, str], None] = lambda gen, reason: None
+        self._opened_first = False
 
     async def open(self, dsn: str) -> Inner:
         """Open an inner pool on *dsn* and prove it: acquire and release one connection, so
         a new connection is made (``init`` runs) and set up (``setup`` runs) as the pool's
-        connections will be, whatever ``min_size`` is."""
+        connections will be, whatever ``min_size`` is.
+
+        The first pool opens ``min_size`` connections as asyncpg's ``create_pool`` does. A
+        later one, a reload, opens only the one that proves it and is swapped in then; the
+        rest of ``min_size`` opens in the background (asyncpg 0.32's floor upkeep; before
+        0.32, as callers need them), and callers meanwhile get connections as they come.
+        Passing ``init_size`` opens that many before the swap instead.
+        """
         gen = Inner(dsn)
         kwargs = {**self._pool_kwargs, **self.connect_kwargs}
+        floor = None
+        if self._opened_first and "init_size" not in kwargs and self._driver is asyncpg_driver:
+            floor = kwargs.get("min_size", _DEFAULT_MIN_SIZE)
+            kwargs["min_size"] = min(1, floor)
         if self._follow_primary:
             writable_only(dsn, kwargs)
         if self._driver is asyncpg_driver:
@@ -98,8 +112,11 @@ class InnerPools:
         except BaseException:
             self._stop(gen, pool)
             raise
+        if floor is not None:
+            _asyncpg.raise_floor(pool, floor)
         gen.pool = pool
         gen.acquire = _asyncpg.fast_acquire(pool)
+        self._opened_first = True
         return gen
 
     async def expire_idle(self, lifecycle: Lifecycle[Inner]) -> None:

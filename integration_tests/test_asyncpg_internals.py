@@ -195,3 +195,21 @@ async def test_disarm_cancels_the_idle_timer_a_failed_reconnect_leaves(dsn: str)
         assert holder._inactive_callback is None
     finally:
         made.terminate()
+
+
+async def test_raise_floor_opens_the_rest_of_min_size_in_the_background(
+    dsn: str, pg_a: PgServer
+) -> None:
+    made = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    try:
+        assert made.get_size() == 1
+        _asyncpg.raise_floor(made, 3)
+        assert made.get_min_size() == 3
+        if hasattr(made, "_schedule_min_size_maintenance"):  # asyncpg 0.32: opened for us
+            await wait_until(made.get_size, lambda n: n == 3, timeout=10)
+        else:  # before 0.32: as callers need them
+            async with made.acquire(), made.acquire(), made.acquire():
+                pass
+            assert made.get_size() == 3
+    finally:
+        made.terminate()

@@ -40,7 +40,7 @@ _KNOWN_OPTIONS = (*_MS_OPTIONS, "polling", "force_polling")
 @dataclass(frozen=True)
 class _Options:
     debounce: int = 200
-    step: int = 10
+    step: int = 2
     polling: bool = False
     poll_delay: int = 300
     recheck: int = 5000
@@ -66,7 +66,9 @@ class WatchfilesStrategy:
     Options (all times in milliseconds):
 
     - ``debounce`` (default 200): longest time changes are grouped before a re-read.
-    - ``step`` (default 10): quiet time after the last change before a re-read.
+    - ``step`` (default 2): quiet time after the last change before a re-read. A file read
+      half-written is no danger (its DSN fails to open, or the next read supersedes it):
+      the step only groups the events of one write.
     - ``polling`` or ``force_polling`` (default false): poll instead of using OS events,
       for network filesystems and some container mounts.
     - ``poll_delay`` (default 300): polling interval; when polling the file is also
