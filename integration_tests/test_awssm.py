@@ -37,7 +37,7 @@ except ImportError as exc:
         pytest.fail(_MESSAGE, pytrace=False)
     pytest.skip(_MESSAGE, allow_module_level=True)
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.source]
 
 LOGGER = "aiohotload.strategies.awssm"
 REGION = "us-east-1"

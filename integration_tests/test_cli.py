@@ -19,7 +19,7 @@ from aiohotload.testing import PgServer, RoleFactory, ServerSet, wait_until, wri
 
 from .apps import ROOT, child_env, run_aiohotload
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.source]
 
 # A DSN whose password is not the redaction mark: "scheme://user:<not ********>@".
 UNREDACTED = re.compile(r"postgres(?:ql)?://[^:/@\s]+:(?!\*{8}@)[^@\s]*@")

@@ -17,6 +17,7 @@ from aiohotload import SourceError
 from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until, write_dsn
 
 pytestmark = [
+    pytest.mark.source,
     pytest.mark.timeout(60),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /bin/sh and /proc"),
 ]

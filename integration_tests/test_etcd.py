@@ -24,7 +24,7 @@ from aiohotload.testing import PgServer, RoleFactory, hostile_password, port_of,
 
 from .etcd_server import EtcdServer, TcpProxy, connections_to, find_etcd, make_tls_files
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.source]
 
 ETCD = find_etcd()
 if ETCD is None:

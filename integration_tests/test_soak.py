@@ -215,7 +215,9 @@ async def test_soak_swaps_under_load_lose_nothing_and_leak_nothing(
         f" traced memory per round (KiB): {[m >> 10 for m in memory]}"
     )
     assert failures == []
-    assert swaps >= 100 * SECONDS / 60, f"only {swaps} swaps"
+    # Enough swaps for the checks below to mean something (not a speed check: a slow machine
+    # still makes dozens in 20 s).
+    assert swaps >= 20, f"only {swaps} swaps"
     assert operations > 0
 
     # Every committed row is on exactly one server: the one its transaction reported, which

@@ -27,7 +27,7 @@ from aiohotload.testing import PgServer, RoleFactory, wait_until
 from .bao_server import BaoServer, find_bao
 from .faults import Load, LogWatch
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.source]
 
 BAO = find_bao()
 if BAO is None:
