@@ -460,6 +460,24 @@ def _char_at(dsn: str, i: int) -> tuple[str, int]:
     return dsn[i], i + 1
 
 
+def _connect_host(params: dict[str, str]) -> str:
+    """Where to connect: libpq connects to ``hostaddr`` when given (an address, no name
+    lookup), using ``host`` only to check the server's certificate and find passfile lines.
+    asyncpg has no such split: it connects to, and checks the certificate of, one host. So
+    ``hostaddr`` wins, and with ``sslmode=verify-full`` (which would then check the address
+    against the certificate) both together are refused with what to do."""
+    hostaddr = params.get("hostaddr")
+    if not hostaddr:
+        return params.get("host") or ""
+    if params.get("host") and params.get("sslmode") == "verify-full":
+        raise InvalidDSNError(
+            "invalid DSN: 'hostaddr' with 'host' and sslmode=verify-full is not supported "
+            "(asyncpg checks the certificate against the address it connects to): give "
+            "'host' alone"
+        )
+    return hostaddr
+
+
 def key_value_to_url(dsn: str) -> str:
     """Convert a libpq ``key=value`` DSN to an equivalent ``postgresql://`` URL."""
     params = parse_key_value(dsn)
@@ -471,7 +489,7 @@ def key_value_to_url(dsn: str) -> str:
         if password is not None:
             userinfo += ":" + quote(password, safe="")
         userinfo += "@"
-    host = params.get("host") or params.get("hostaddr") or ""
+    host = _connect_host(params)
     query = {k: v for k, v in params.items() if k not in _URL_PARTS}
     if password is not None and user is None:
         query["password"] = password

@@ -213,3 +213,19 @@ async def test_a_moved_waiter_keeps_its_remaining_timeout(
         # Its own 1.5 s, not a fresh 1.5 s from the swap on (bounds generous for a slow box).
         assert 1.4 <= elapsed < 2.9
         await pool.release(old_holder)
+
+
+async def test_a_key_value_dsn_connects_to_its_hostaddr(
+    pg_a: PgServer, role: RoleFactory, dsn_file: Path
+) -> None:
+    """``hostaddr`` is where libpq connects; ``host`` (here a name that resolves nowhere) only
+    names the server (fails on a version that connected to ``host``)."""
+    user, password = await role(pg_a)
+    quoted = password.replace("\\", "\\\\").replace("'", "\\'")
+    write_dsn(
+        dsn_file,
+        f"host=db.invalid hostaddr={pg_a.host} port={pg_a.port} user={user} "
+        f"password='{quoted}' dbname=postgres",
+    )
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1) as pool:
+        assert await port_of(pool) == pg_a.port

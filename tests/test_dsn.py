@@ -265,3 +265,12 @@ def test_any_text_is_refused_or_read_by_asyncpg_without_error(text: str, prefix:
     _, password = asyncpg_reads(as_url(dsn.strip()))
     if password:
         assert password in secrets_of(dsn.strip())
+
+
+def test_hostaddr_is_where_the_connection_goes() -> None:
+    # libpq connects to hostaddr (no name lookup) and uses host for the certificate check.
+    url = key_value_to_url("host=db.example.com hostaddr=10.0.0.5 port=5433 user=u dbname=d")
+    assert url == "postgresql://u@10.0.0.5:5433/d"
+    assert key_value_to_url("hostaddr=10.0.0.5 user=u") == "postgresql://u@10.0.0.5"
+    with pytest.raises(InvalidDSNError, match="verify-full"):
+        key_value_to_url("host=db.example.com hostaddr=10.0.0.5 sslmode=verify-full")
