@@ -186,15 +186,22 @@ class Checkout(_ContextBase):
             return
         if self.owned and self.checkouts.owners.pop(con, None) is None:
             return  # released inside the block already
+        error = exc[1]
+        broken = _broken_mid_query(con, error) if isinstance(error, _BROKEN_MID_QUERY) else None
+        if isinstance(broken, asyncpg.ConnectionDoesNotExistError):
+            # Known dead: a release would reset it, waiting for an answer that never comes
+            # when its socket stays open (asyncpg before 0.32 does not mark it closed).
+            raw = _asyncpg.connection_of(con)
+            if raw is not None:
+                raw.terminate()
         try:
             await self.checkouts.give_back(con, gen, None)
         except _RELEASE_ERRORS as failure:
             _release_failed(gen, failure)
-        error = exc[1]
         if isinstance(error, BaseException):
             self.checkouts.query_failed(gen, error)
-            if isinstance(error, _BROKEN_MID_QUERY):
-                raise _broken_mid_query(con, error) from None
+        if broken is not None:
+            raise broken from None
 
     def __await__(self) -> Generator[Any, None, Proxy]:
         self.done = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -176,23 +177,26 @@ def test_check_accepts_what_asyncpg_reads(dsn: str) -> None:
 def asyncpg_reads(url: str) -> tuple[str | None, str | None]:
     """``(user, password)`` as asyncpg itself reads *url* (its private parser: the point is
     to agree with it), raising what asyncpg raises."""
-    _, params = connect_utils._parse_connect_dsn_and_args(  # type: ignore[attr-defined]
-        dsn=url,
-        host=None,
-        port=None,
-        user=None,
-        password=None,
-        passfile="/nonexistent/.pgpass",  # no password from the tester's own file
-        database=None,
-        ssl=None,
-        service=None,
-        servicefile=None,
-        direct_tls=False,
-        server_settings=None,
-        target_session_attrs=None,
-        krbsrvname=None,
-        gsslib=None,
-    )
+    parse = connect_utils._parse_connect_dsn_and_args  # type: ignore[attr-defined]
+    arguments: dict[str, object] = {
+        "dsn": url,
+        "host": None,
+        "port": None,
+        "user": None,
+        "password": None,
+        "passfile": "/nonexistent/.pgpass",  # no password from the tester's own file
+        "database": None,
+        "ssl": None,
+        "service": None,
+        "servicefile": None,
+        "direct_tls": False,
+        "server_settings": None,
+        "target_session_attrs": None,
+        "krbsrvname": None,
+        "gsslib": None,
+    }
+    accepted = inspect.signature(parse).parameters  # asyncpg 0.30 has no service arguments
+    _, params = parse(**{k: v for k, v in arguments.items() if k in accepted})
     return params.user, params.password
 
 
