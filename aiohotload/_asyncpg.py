@@ -145,11 +145,16 @@ def stop_refilling(pool: object) -> None:
     asyncpg 0.32 refills a pool up to ``min_size`` whenever a connection closes (its
     ``_maintain_min_size`` task), and a drain closes each released connection: without this
     the old pool would open new connections to the old server, with credentials that may just
-    have been rotated away. ``Pool._minsize = 0`` turns the refill off (0.30 and 0.31 have no
-    refill; the attribute only sized the initial connections there).
+    have been rotated away. ``Pool._minsize = 0`` turns the refill off, and a refill running
+    now (``Pool._maintenance_task``) is cancelled: left to fail when the pool's connector
+    stops, it would log a warning with a traceback at every swap. (0.30 and 0.31 have no
+    refill; ``_minsize`` only sized the initial connections there.)
     """
     if isinstance(pool, asyncpg.Pool):
         pool._minsize = 0  # type: ignore[attr-defined]
+        refilling = getattr(pool, "_maintenance_task", None)
+        if refilling is not None:
+            refilling.cancel()
 
 
 def close_idle(pool: object, timeout: float) -> list[Awaitable[None]]:

@@ -109,6 +109,9 @@ class InnerPools:
             pool = await self._driver(dsn, **kwargs)
             async with pool.acquire():
                 pass
+            if kwargs.get("min_size", _DEFAULT_MIN_SIZE) == 0:
+                # A pool that keeps no connection keeps none for having been proven either.
+                await asyncio.gather(*_asyncpg.close_idle(pool, _CLOSE_TIMEOUT))
         except BaseException:
             self._stop(gen, pool)
             raise
@@ -154,9 +157,10 @@ class InnerPools:
         as they are released."""
         if gen.users == 0:
             gen.idle.set()
+        # The refill first: stopping the connector under it would make it log a failure.
+        _asyncpg.stop_refilling(gen.pool)
         if gen.connector is not None:
             gen.connector.stop()
-        _asyncpg.stop_refilling(gen.pool)
         _asyncpg.expire(gen.pool)
         moved = _asyncpg.wake_waiters(gen.pool, lambda: Retired("pool was replaced"))
         if moved:

@@ -64,10 +64,10 @@ BAD_SECONDS = 3.0
 RECOVERY_LIMIT = 15.0
 #: How often pg_stat_activity is polled for sessions that should be gone.
 POLL = 0.005
-#: The hand-written watchers use aiohotload's watchfiles timing (a change is read after 10 ms
+#: The hand-written watchers use aiohotload's watchfiles timing (a change is read after 2 ms
 #: of quiet) so that the comparison is of what happens after the read. watchfiles' own
-#: defaults (step 50 ms, debounce 1600 ms) would add about 40 ms to theirs.
-WATCH_STEP_MS = 10
+#: defaults (step 50 ms, debounce 1600 ms) would add about 50 ms to theirs.
+WATCH_STEP_MS = 2
 WATCH_DEBOUNCE_MS = 200
 #: Slower queries are kept (end time, seconds) to find stalls.
 SLOW = 0.1

@@ -38,13 +38,14 @@ PASSWORD = "bench-pw"
 
 @contextlib.contextmanager
 def two_servers() -> Iterator[tuple[Path, PgServer, PgServer]]:
-    """A temp dir and two started throwaway servers (``max_connections`` 300), removed after."""
+    """A temp dir and two started throwaway servers (``max_connections`` 1200: the many-pools
+    row proves each of 1000 pools' new DSN at once, one login each), removed after."""
     with tempfile.TemporaryDirectory(prefix="aiohotload-bench-") as tmpdir:
         tmp = Path(tmpdir)
         os.chmod(tmp, 0o777)
         template = PgTemplate.create(tmp / "template")
-        a = PgServer(tmp / "a", template=template, settings={"max_connections": "300"})
-        b = PgServer(tmp / "b", template=template, settings={"max_connections": "300"})
+        a = PgServer(tmp / "a", template=template, settings={"max_connections": "1200"})
+        b = PgServer(tmp / "b", template=template, settings={"max_connections": "1200"})
         try:
             start_all([a, b])
             yield tmp, a, b

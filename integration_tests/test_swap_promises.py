@@ -229,3 +229,38 @@ async def test_a_key_value_dsn_connects_to_its_hostaddr(
     )
     async with aiohotload.create_pool(watch_url(dsn_file), min_size=1) as pool:
         assert await port_of(pool) == pg_a.port
+
+
+async def test_min_size_zero_keeps_no_connection_for_having_been_proven(
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+) -> None:
+    """A pool with ``min_size=0`` (serverless, many tenants) proves each DSN with a connection,
+    then keeps none, as it asked."""
+    user, password = user_ab
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=0, max_size=2) as pool:
+        assert await backends(pg_a, user) == 0
+        write_dsn(dsn_file, pg_b.dsn(user, password))
+        await pool.wait_for_swap(timeout=10)
+        assert await backends(pg_b, user) == 0
+        assert await port_of(pool) == pg_b.port  # connects when used
+
+
+async def test_quick_swaps_log_nothing_from_asyncpg(
+    pg_a: PgServer,
+    pg_b: PgServer,
+    user_ab: tuple[str, str],
+    dsn_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A new pool opens the rest of its min_size in the background; a swap coming while it
+    does stops that quietly (no asyncpg warning with a traceback at every swap)."""
+    user, password = user_ab
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_file), min_size=6, max_size=6) as pool:
+        for n, server in enumerate([pg_b, pg_a] * 4, start=1):
+            write_dsn(dsn_file, server.dsn(user, password))
+            await pool.wait_until(lambda p, n=n: p.generation >= n, timeout=10)  # type: ignore[misc]
+        assert await port_of(pool) == pg_a.port
+    noisy = [r for r in caplog.records if r.name.startswith("asyncpg")]
+    assert noisy == []
