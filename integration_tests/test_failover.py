@@ -121,6 +121,12 @@ async def _follow_the_writable_server(  # noqa: PLR0917 (a test's steps, split i
         swapped = await log.wait(SwapDone, timeout=30)
         assert swapped[0].reason == "failover"
         await writes.succeeding(moved_at)
+        await wait_until(
+            lambda: b.fetchval(f'SELECT count(*) FROM "{table}"'),
+            lambda n: n > 0,
+            timeout=20,
+            what="writes on the server that takes them",
+        )
         await writes.stop()
         await wait_until(lambda: backends(a, user), lambda n: n == 0, timeout=20)
         detected = log.of(FailoverDetected)
