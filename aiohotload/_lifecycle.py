@@ -191,7 +191,7 @@ class Lifecycle(Generic[G]):
         self._next_swap = loop.create_future()
         self._runner = loop.create_task(self._run(), name=f"aiohotload:{self.url.strategy}")
         try:
-            dsn, gen, opened_in = await self._reloader.first()
+            dsn, gen, opened_in = await self._first_unless_stopped()
         except BaseException:
             self._state = _State.CLOSED
             self._reloader.close()
@@ -204,6 +204,24 @@ class Lifecycle(Generic[G]):
         self._state = _State.OPEN
         self._reloader.started(dsn)  # reloads at once if the source changed meanwhile
         return gen
+
+    async def _first_unless_stopped(self) -> tuple[str, G, float]:
+        """The reloader's first DSN, opened; :meth:`unusable` at once if the pool is closed
+        or terminated meanwhile (what it opened then is discarded)."""
+        first = asyncio.ensure_future(self._reloader.first())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((first, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not first.done():
+                first.cancel()
+            outcome = (await asyncio.gather(first, return_exceptions=True))[0]
+        if not self._stop.is_set():
+            return first.result()
+        if isinstance(outcome, tuple):
+            self._ops.discard(outcome[1])
+        raise self.unusable()
 
     async def close(self) -> None:
         """Stop following the source, drain every generation (bounded by

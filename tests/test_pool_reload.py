@@ -146,3 +146,16 @@ async def test_close_leaves_no_tasks(driver: FakeDriver, strategy: QueueStrategy
     assert all(p.closed or p.terminated for p in driver.opened)
     with pytest.raises(Exception, match="closed"):
         await pool.fetchval("SELECT 1")
+
+
+async def test_close_while_opening_ends_the_open_at_once(
+    driver: FakeDriver, strategy: QueueStrategy
+) -> None:
+    """A pool closed before its first DSN arrives stops waiting for it (not after
+    connect_timeout) and raises as a closed pool."""
+    pool = aiohotload.create_pool("queue://fake/x?connect_timeout=30s")
+    opening = asyncio.ensure_future(pool.__aenter__())
+    await until(lambda: strategy.started == 1)
+    await asyncio.wait_for(pool.close(), timeout=5)
+    with pytest.raises(aiohotload.PoolClosedError):
+        await asyncio.wait_for(opening, timeout=5)
