@@ -265,6 +265,7 @@ class Lifecycle(Generic[G]):
                 self._release(gen)
         self.current = None
         self.retired.clear()
+        self._drained.set()  # a close() waiting for drains (cut short by a timeout) ends too
         self._stop.set()
         if self._runner is not None and not self._runner.done():
             # Cancelling needs no running loop; the reloader closes the strategy when the loop

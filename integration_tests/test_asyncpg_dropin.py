@@ -245,3 +245,26 @@ async def test_a_forked_child_never_touches_the_parents_connections(
         # The parent's one connection is the same session, alive.
         assert await pool.fetchval("SELECT pg_backend_pid()") == pid_before
         assert await backends(pg_a, user) == 1
+
+
+async def test_close_cut_short_by_a_timeout_then_terminate(
+    pg_a: PgServer, role: RoleFactory, dsn_file: Path
+) -> None:
+    """asyncpg's own pattern: ``wait_for(pool.close(), timeout)`` while a connection is held,
+    then ``terminate()``: nothing is left running."""
+    user, password = await role(pg_a)
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    pool = await aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=1)
+    held = await pool.acquire()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(pool.close(), timeout=0.1)
+    pool.terminate()
+    await wait_until(
+        lambda: [t for t in asyncio.all_tasks() if "aiohotload" in repr(t)],
+        lambda left: not left,
+        timeout=10,
+        what="no aiohotload task left",
+    )
+    await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
+    with pytest.raises(asyncpg.InterfaceError):  # the held connection went with the pool
+        await held.fetchval("SELECT 1")
