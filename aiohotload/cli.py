@@ -29,6 +29,7 @@ from .errors import (
     UnknownDriverError,
     UnknownStrategyError,
 )
+from .exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
 from .pool import create_pool
 from .redact import redact_dsn, redact_text, secrets_of
 from .strategies import get_strategy
@@ -43,15 +44,6 @@ __all__ = [
     "main",
 ]
 
-EXIT_OK = 0
-#: ``check`` could not connect; the demo had failed queries or could not start.
-EXIT_FAILED = 1
-#: Bad arguments or a bad hotload URL (malformed, unknown strategy/driver/option).
-EXIT_USAGE = 2
-#: Ctrl-C (SIGINT: 128 + 2), after stopping cleanly; the demo also for SIGTERM.
-EXIT_INTERRUPTED = 130
-#: SIGTERM (128 + 15), after stopping cleanly: ``watch`` and ``check``.
-EXIT_TERMINATED = 143
 
 # Errors that mean the URL itself is wrong, whatever the state of the DSN source.
 _BAD_URL = (InvalidURLError, InvalidOptionError, UnknownStrategyError, UnknownDriverError)
@@ -69,7 +61,7 @@ exit codes:
   1    check: could not connect; demo: some queries failed, or it could not start
   2    usage error or bad hotload URL (malformed, unknown strategy, driver or option)
   130  interrupted (Ctrl-C)
-  143  terminated (SIGTERM; the demo exits 130)
+  143  terminated (SIGTERM)
 
 examples:
   aiohotload watch watchfiles://postgres/etc/app/dsn

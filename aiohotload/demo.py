@@ -40,6 +40,7 @@ import asyncpg
 from . import create_pool
 from .errors import HotloadError
 from .events import Event, PoolDrained, ReloadFailed, SwapDone
+from .exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from .pool import HotPool
 from .redact import redact_text, secrets_of
 from .testing import (
@@ -53,10 +54,6 @@ from .testing import (
 )
 
 __all__ = ["DemoOptions", "run"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 #: What a worker asks: the answering server's address as it sees it, which tells the two
 #: servers apart even when both listen on 5432 inside containers.
@@ -83,17 +80,17 @@ class DemoOptions:
     plain: bool = False
 
 
-class _Interrupted(Exception):
+class _Terminated(Exception):
     """SIGTERM while the servers start: stop as for Ctrl-C, cleaning up."""
 
 
 def run(options: DemoOptions, out: TextIO | None = None) -> int:
     """Run the demo; returns the exit code: 0 if no query failed, 1 if some did or the demo
-    could not start, 130 if interrupted."""
+    could not start, 130 if interrupted (Ctrl-C), 143 if terminated (SIGTERM)."""
     out = out or sys.stdout
     workdir = Path(tempfile.mkdtemp(prefix="aiohotload-demo-"))
     servers: list[PgServer] = []
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if options.dsn_a and options.dsn_b:
             servers = [PgServer.existing(options.dsn_a), PgServer.existing(options.dsn_b)]
@@ -117,11 +114,14 @@ def run(options: DemoOptions, out: TextIO | None = None) -> int:
             start_all(servers)
         code = asyncio.run(_demo(servers, workdir, options, out))
         # asyncio's signal handling is gone with its loop: SIGTERM stops the cleanup cleanly.
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.signal(signal.SIGTERM, _raise_terminated)
         return code
-    except (KeyboardInterrupt, _Interrupted):
+    except KeyboardInterrupt:
         _say(out, "interrupted; cleaning up")
         return EXIT_INTERRUPTED
+    except _Terminated:
+        _say(out, "terminated; cleaning up")
+        return EXIT_TERMINATED
     except (PgServerError, HotloadError, OSError, asyncpg.PostgresError) as exc:
         # Cannot start: no server, a wrong superuser password, initdb failed, ...
         secrets = [s for dsn in (options.dsn_a, options.dsn_b) if dsn for s in secrets_of(dsn)]
@@ -135,8 +135,8 @@ def run(options: DemoOptions, out: TextIO | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise _Interrupted
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
 
 
 def _say(out: TextIO, message: str) -> None:
@@ -197,7 +197,7 @@ async def _demo(servers: list[PgServer], workdir: Path, options: DemoOptions, ou
     # From here on Ctrl-C and SIGTERM end the demo as the duration does, cleaning up.
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, demo.interrupt)
+        loop.add_signal_handler(signum, demo.interrupt, signum)
     try:
         with _warnings_to(demo):
             await demo.run()
@@ -208,9 +208,13 @@ async def _demo(servers: list[PgServer], workdir: Path, options: DemoOptions, ou
             for each in (a, b):
                 with contextlib.suppress(Exception):
                     await each.server.drop_role(demo.role)
-    _summary(out, demo.stats, [a, b], demo.interrupted)
-    if demo.interrupted:
+    if demo.interrupted == signal.SIGTERM:
+        _summary(out, demo.stats, [a, b], "terminated")
+        return EXIT_TERMINATED
+    if demo.interrupted is not None:
+        _summary(out, demo.stats, [a, b], "interrupted")
         return EXIT_INTERRUPTED
+    _summary(out, demo.stats, [a, b], "done")
     return EXIT_OK if demo.stats.failed == 0 else EXIT_FAILED
 
 
@@ -231,10 +235,10 @@ class _Demo:
         self.stats = _Stats()
         self.view = _make_view(options, out, sorted(self.names.values()))
         self.stop = asyncio.Event()
-        self.interrupted = False
+        self.interrupted: int | None = None  # the signal that ended the demo early
 
-    def interrupt(self) -> None:
-        self.interrupted = True
+    def interrupt(self, signum: int) -> None:
+        self.interrupted = signum
         self.stop.set()
 
     async def run(self) -> None:
@@ -361,9 +365,8 @@ class _ViewLogHandler(logging.Handler):
         self._demo.view.event(self._demo.stats.note(f"{record.name} {level}: {text}"))
 
 
-def _summary(out: TextIO, stats: _Stats, servers: list[_Server], interrupted: bool) -> None:
+def _summary(out: TextIO, stats: _Stats, servers: list[_Server], ended: str) -> None:
     elapsed = max(stats.elapsed, 1e-9)
-    ended = "interrupted" if interrupted else "done"
     _say(
         out,
         f"{ended}: {stats.ok + stats.failed} queries in {elapsed:.1f}s "

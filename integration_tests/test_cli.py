@@ -104,8 +104,13 @@ async def test_demo_runs_to_the_end_without_a_failed_query_and_cleans_up(
     assert processes_mentioning(workdir[1]) == []
 
 
-async def test_demo_on_existing_servers_stops_on_ctrl_c_and_drops_its_role(
-    pg_a: PgServer, pg_b: PgServer
+@pytest.mark.parametrize(
+    ("signum", "code", "ended"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+async def test_demo_on_existing_servers_stops_on_a_signal_and_drops_its_role(
+    pg_a: PgServer, pg_b: PgServer, signum: int, code: int, ended: str
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -129,7 +134,7 @@ async def test_demo_on_existing_servers_stops_on_ctrl_c_and_drops_its_role(
                 line = (await proc.stdout.readline()).decode()
                 assert line, "".join(lines)
                 lines.append(line)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         with anyio.fail_after(30):
             rest, _ = await proc.communicate()
     finally:
@@ -137,8 +142,8 @@ async def test_demo_on_existing_servers_stops_on_ctrl_c_and_drops_its_role(
             proc.kill()
             await proc.wait()
     output = "".join(lines) + rest.decode()
-    assert proc.returncode == 130, output
-    assert re.search(r"^interrupted: \d+ queries .*, 0 failed", output, re.M), output
+    assert proc.returncode == code, output
+    assert re.search(rf"^{ended}: \d+ queries .*, 0 failed", output, re.M), output
     for pg in (pg_a, pg_b):
         assert re.search(rf"server [AB] 127\.0\.0\.1:{pg.port}: [1-9]\d* queries", output), output
         assert await demo_roles(pg) == []
