@@ -37,6 +37,7 @@ __all__ = [
     "cancel_queries",
     "cancel_request",
     "close_idle",
+    "connect_as_pool",
     "connection_of",
     "disarm",
     "expire",
@@ -44,7 +45,7 @@ __all__ = [
     "fast_acquire",
     "idle",
     "in_use",
-    "raise_floor",
+    "set_floor",
     "stop_refilling",
     "wake_waiters",
 ]
@@ -122,9 +123,9 @@ def disarm(pool: object) -> None:
             holder._maybe_cancel_inactive_callback()
 
 
-def raise_floor(pool: object, min_size: int) -> None:
-    """Make *pool*, opened with ``min_size=1`` to be swapped in at its first connection, keep
-    *min_size* connections from now on.
+def set_floor(pool: object, min_size: int) -> None:
+    """Make *pool*, opened with ``min_size=1`` to be swapped in at its first connection (or
+    to prove its DSN), keep *min_size* connections from now on.
 
     asyncpg 0.32 refuses an ``init_size`` below ``min_size``, so a pool that opens one
     connection has ``min_size=1``; setting ``Pool._minsize`` and scheduling its floor upkeep
@@ -155,6 +156,20 @@ def stop_refilling(pool: object) -> None:
         refilling = getattr(pool, "_maintenance_task", None)
         if refilling is not None:
             refilling.cancel()
+
+
+async def connect_as_pool(pool: asyncpg.Pool) -> object:
+    """Open one connection as *pool* opens its own, without its ``init``: its ``connect=``
+    (``Pool._connect``) called with its arguments (``_connect_args``, ``_connect_kwargs``,
+    ``_connection_class``, ``_record_class``), as ``Pool._get_new_connection()`` does before
+    it runs ``init``. Returns what ``connect=`` returned."""
+    return await pool._connect(  # type: ignore[attr-defined]
+        *pool._connect_args,  # type: ignore[attr-defined]
+        loop=asyncio.get_running_loop(),
+        connection_class=pool._connection_class,  # type: ignore[attr-defined]
+        record_class=pool._record_class,  # type: ignore[attr-defined]
+        **pool._connect_kwargs,  # type: ignore[attr-defined]
+    )
 
 
 def close_idle(pool: object, timeout: float) -> list[Awaitable[None]]:

@@ -78,25 +78,29 @@ class InnerPools:
         self._opened_first = False
 
     async def open(self, dsn: str) -> Inner:
-        """Open an inner pool on *dsn* and prove it: acquire and release one connection, so
-        a new connection is made (``init`` runs) and set up (``setup`` runs) as the pool's
-        connections will be, whatever ``min_size`` is.
+        """Open an inner pool on *dsn* and prove it before it serves.
 
-        The first pool opens ``min_size`` connections as asyncpg's ``create_pool`` does. A
-        later one, a reload, opens only the one that proves it and is swapped in then; the
-        rest of ``min_size`` opens in the background (asyncpg 0.32's floor upkeep; before
-        0.32, as callers need them), and callers meanwhile get connections as they come.
-        Passing ``init_size`` opens that many before the swap instead.
+        The first pool opens as asyncpg's ``create_pool`` does: ``init_size`` (default
+        ``min_size``) connections, each through ``init``, and ``setup`` only when a caller
+        acquires; if that is none, one connection logs in to prove the DSN and is closed
+        (``init`` then runs at the first acquire, as with asyncpg).
+        A later one, a reload that would replace a working pool, is proven by acquiring and
+        releasing one connection, so that a DSN whose ``init`` or ``setup`` fails never
+        replaces one that works. It is swapped in then; the rest of ``min_size`` opens in the
+        background (asyncpg 0.32's floor upkeep; before 0.32, as callers need them), and
+        callers meanwhile get connections as they come. Passing ``init_size`` opens that many
+        before the swap instead. A driver other than asyncpg is always proven by an acquire.
         """
         gen = Inner(dsn)
         kwargs = {**self._pool_kwargs, **self.connect_kwargs}
+        is_asyncpg = self._driver is asyncpg_driver
+        min_size = kwargs.get("min_size", _DEFAULT_MIN_SIZE)
         floor = None
-        if self._opened_first and "init_size" not in kwargs and self._driver is asyncpg_driver:
-            floor = kwargs.get("min_size", _DEFAULT_MIN_SIZE)
-            kwargs["min_size"] = min(1, floor)
+        if self._opened_first and is_asyncpg and "init_size" not in kwargs:
+            kwargs["min_size"], floor = min(1, min_size), min_size
         if self._follow_primary:
             writable_only(dsn, kwargs)
-        if self._driver is asyncpg_driver:
+        if is_asyncpg:
             gen.connector = Connector(
                 kwargs.pop("connect", None) or asyncpg.connect,
                 lambda: self.on_login_refused(gen),
@@ -107,16 +111,22 @@ class InnerPools:
         pool = None
         try:
             pool = await self._driver(dsn, **kwargs)
-            async with pool.acquire():
-                pass
-            if kwargs.get("min_size", _DEFAULT_MIN_SIZE) == 0:
+            if self._opened_first or not is_asyncpg:
+                async with pool.acquire():
+                    pass
+            elif pool.get_idle_size() == 0:
+                # asyncpg opened no connection (init_size 0), so proved nothing: log in once.
+                con = await _asyncpg.connect_as_pool(pool)
+                if isinstance(con, asyncpg.Connection):  # else asyncpg says so at acquire
+                    await con.close(timeout=_CLOSE_TIMEOUT)
+            if floor is not None:
+                _asyncpg.set_floor(pool, floor)
+            if min_size == 0:
                 # A pool that keeps no connection keeps none for having been proven either.
                 await asyncio.gather(*_asyncpg.close_idle(pool, _CLOSE_TIMEOUT))
         except BaseException:
             self._stop(gen, pool)
             raise
-        if floor is not None:
-            _asyncpg.raise_floor(pool, floor)
         gen.pool = pool
         gen.acquire = _asyncpg.fast_acquire(pool)
         self._opened_first = True

@@ -60,6 +60,11 @@ _POOL_ARGUMENTS = frozenset(
 )
 _DEFAULT_SIZE = 10
 
+# asyncpg.Pool's private attributes. Code written against asyncpg reads some of them
+# (``pool._queue.qsize()``, ``len(pool._holders)`` in monitoring, ``_maintenance_task`` in
+# asyncpg's own test harness): on a HotPool they read the current inner pool's.
+_ASYNCPG_PRIVATE = frozenset(name for name in asyncpg.Pool.__slots__ if not name.startswith("__"))
+
 
 class HotPool(_PoolBase):
     """A drop-in for :class:`asyncpg.Pool` that follows its DSN as it changes.
@@ -533,6 +538,19 @@ class HotPool(_PoolBase):
         A consumer that falls more than *max_queued* events behind loses the oldest ones.
         """
         return self._events.stream(max_queued)
+
+    if not TYPE_CHECKING:  # a type checker keeps flagging misspelt attributes
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached for what HotPool lacks: asyncpg's private slots, never set on it.
+            if name in _ASYNCPG_PRIVATE:
+                lc = self.__dict__.get("_lc")
+                gen = lc.current if lc is not None else None
+                if gen is not None and hasattr(gen.pool, name):
+                    return getattr(gen.pool, name)
+                if name == "_maintenance_task":  # none runs: as asyncpg's before init, after close
+                    return None
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         url = self._url

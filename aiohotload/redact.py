@@ -6,14 +6,23 @@ Redaction errs on the side of hiding too much: when a DSN is ambiguous (an unesc
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from .dsn import check_dsn
 from .errors import InvalidDSNError
 
-__all__ = ["REDACTED", "describe_error", "redact_dsn", "redact_text", "secrets_of"]
+__all__ = [
+    "REDACTED",
+    "describe_error",
+    "redact_dsn",
+    "redact_text",
+    "redacted_error",
+    "secrets_of",
+]
 
 REDACTED = "********"
 
@@ -63,6 +72,7 @@ _FRAGMENT = 4
 _FIND_EACH = 64
 
 _Span = tuple[int, int]
+_E = TypeVar("_E", bound=BaseException)
 _DecodeFn = Callable[[str], str]
 
 
@@ -120,6 +130,26 @@ def describe_error(exc: BaseException, dsn: str) -> str:
         return message
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return redact_text(text, _secret_forms(dsn), pieces=True)
+
+
+def redacted_error(exc: _E, dsn: str) -> _E | None:
+    """A copy of *exc*, of its class (``except`` clauses match it as they match *exc*), whose
+    arguments and text attributes (asyncpg's ``detail``, ``hint``...) are redacted as
+    :func:`describe_error` redacts them; its cause, context and traceback are not kept.
+    ``None`` if *exc* cannot be copied."""
+    forms = _secret_forms(dsn)
+
+    def scrub(value: object) -> object:
+        return redact_text(value, forms, pieces=True) if isinstance(value, str) else value
+
+    try:
+        clone = copy.copy(exc)
+        clone.args = tuple(scrub(arg) for arg in exc.args)
+        for name, value in list(vars(clone).items()):
+            setattr(clone, name, scrub(value))
+    except Exception:  # an exception class that cannot be copied or set
+        return None
+    return clone
 
 
 def secrets_of(dsn: str) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ import anyio
 
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ReloadFailed, ReloadStarted
-from .redact import describe_error, redact_dsn, redact_text
+from .redact import describe_error, redact_dsn, redact_text, redacted_error
 from .strategies import Feedback, get_strategy, open_watch, takes_feedback
 from .strategies.toolkit import Backoff
 from .url import HotloadURL
@@ -161,8 +161,12 @@ class Reloader(Generic[T]):
             opened, opened_in = await self._open(dsn)
         except Exception as exc:
             self.last_error = opening_error(exc, dsn, self._action)
-            raise _as_raised(exc, dsn, self.last_error) from None
-        return dsn, opened, opened_in
+            error = _as_raised(exc, dsn, self.last_error)
+        else:
+            return dsn, opened, opened_in
+        # Raised out of the except block: a redacted copy must not carry the original (its
+        # __context__), which still shows the password.
+        raise error from None
 
     def started(self, dsn: str) -> None:
         """The owner serves *dsn*, its first DSN: reload at once if the strategy offered
@@ -459,11 +463,18 @@ def opening_error(exc: BaseException, dsn: str, action: str) -> HotloadError:
 
 
 def _as_raised(exc: Exception, dsn: str, safe: HotloadError) -> Exception:
-    """The error to raise from a first open: *exc* itself when its text reveals nothing of
-    *dsn*'s password (so ``except asyncpg.InvalidPasswordError`` works as with asyncpg),
-    else *safe*."""
-    if isinstance(exc, HotloadError):
+    """The error to raise from a first open, of *exc*'s class so that ``except
+    asyncpg.InvalidPasswordError`` works as with asyncpg: *exc* itself when its text reveals
+    nothing of *dsn*'s password, else a redacted copy of it (a user name that shares a few
+    characters with the password is enough), else *safe*."""
+    if isinstance(exc, HotloadError) or _shows_no_secret(exc, dsn):
         return exc
+    clone = redacted_error(exc, dsn)
+    return clone if clone is not None and _shows_no_secret(clone, dsn) else safe
+
+
+def _shows_no_secret(exc: Exception, dsn: str) -> bool:
     message = str(exc)
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return exc if _describe(exc, dsn) == text else safe
+    return _describe(exc, dsn) == (
+        f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    )

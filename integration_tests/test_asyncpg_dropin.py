@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 import aiohotload
 from aiohotload import HotPool
-from aiohotload.testing import PgServer, port_of, wait_until, watch_url, write_dsn
+from aiohotload.testing import HOSTILE, PgServer, port_of, wait_until, watch_url, write_dsn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -140,6 +141,14 @@ async def test_first_open_errors_are_asyncpgs_own(
     write_dsn(dsn_file, pg_a.dsn(user, password + "x"))
     with pytest.raises(asyncpg.InvalidPasswordError):
         await aiohotload.create_pool(watch_url(dsn_file), min_size=1)
+    # A user name that shares a piece with the password: asyncpg's class still, redacted.
+    shared = secrets.token_hex(3)
+    user, password = await role(pg_a, name=f"hl_{shared}_app", password=f"pw-{shared}-{HOSTILE}")
+    write_dsn(dsn_file, pg_a.dsn(user, password + "x"))
+    with pytest.raises(asyncpg.InvalidPasswordError) as info:
+        await aiohotload.create_pool(watch_url(dsn_file), min_size=0)
+    assert info.value.sqlstate == "28P01" and "password authentication failed" in str(info.value)
+    assert shared not in str(info.value) and info.value.__context__ is None
 
     async def not_a_connection(*args: Any, **kwargs: Any) -> object:
         return object()
@@ -268,3 +277,70 @@ async def test_close_cut_short_by_a_timeout_then_terminate(
     await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
     with pytest.raises(asyncpg.InterfaceError):  # the held connection went with the pool
         await held.fetchval("SELECT 1")
+
+
+@pytest.mark.parametrize("min_size", [0, 2])
+async def test_the_first_open_runs_init_and_setup_as_asyncpg_does(
+    pg_a: PgServer, role: RoleFactory, dsn_file: Path, min_size: int
+) -> None:
+    """Opening runs ``init`` on the connections asyncpg opens (none with ``min_size=0``: one
+    login proves the DSN instead) and ``setup`` only for callers; an ``init`` that fails once
+    fails the first acquire, not ``create_pool`` (asyncpg's test_pool_06, _07 and
+    test_pool_exception_in_setup_and_init, which failed on a version proving by acquire)."""
+    user, password = await role(pg_a)
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    calls = {"init": 0, "setup": 0, "reset": 0}
+
+    async def init(con: asyncpg.Connection) -> None:
+        calls["init"] += 1
+        if calls["init"] == 1 and min_size == 0:
+            raise RuntimeError("init failed once")
+
+    async def setup(con: object) -> None:
+        calls["setup"] += 1
+
+    async def reset(con: asyncpg.Connection) -> None:
+        calls["reset"] += 1
+
+    async with aiohotload.create_pool(
+        watch_url(dsn_file), min_size=min_size, max_size=2, init=init, setup=setup, reset=reset
+    ) as pool:
+        assert calls == {"init": min_size, "setup": 0, "reset": 0}
+        assert pool.get_idle_size() == min_size
+        if min_size == 0:
+            with pytest.raises(RuntimeError, match="init failed once"):
+                await pool.fetchval("SELECT 1")
+        assert await pool.fetchval("SELECT 1") == 1
+        assert calls["setup"] == 1 and calls["reset"] == 1
+    # A wrong password still fails create_pool, whatever min_size.
+    write_dsn(dsn_file, pg_a.dsn(user, password + "x"))
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await aiohotload.create_pool(watch_url(dsn_file), min_size=min_size, init=init)
+
+
+async def test_asyncpgs_private_attributes_read_the_current_inner_pool(
+    pg_a: PgServer, pg_b: PgServer, role: RoleFactory, dsn_file: Path
+) -> None:
+    """Monitoring code and asyncpg's own test harness read ``pool._holders``, ``pool._queue``
+    and ``pool._maintenance_task``: they are the current inner pool's, after a swap too."""
+    user, password = await role(pg_a)
+    await role(pg_b, name=user, password=password)
+    write_dsn(dsn_file, pg_a.dsn(user, password))
+    pool = aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=3)
+
+    def private(name: str) -> Any:  # asyncpg declares no types for them
+        return getattr(pool, name)
+
+    assert private("_maintenance_task") is None  # before init, as asyncpg's
+    with pytest.raises(AttributeError, match="no attribute '_no_such'"):
+        private("_no_such")
+    async with pool:
+        assert len(private("_holders")) == 3 and private("_queue").qsize() == 3
+        async with pool.acquire():
+            assert private("_queue").qsize() == 2
+        before = private("_holders")
+        write_dsn(dsn_file, pg_b.dsn(user, password))
+        await pool.wait_for_swap(timeout=10)
+        assert private("_holders") is not before and len(private("_holders")) == 3
+        assert private("_maxsize") == 3
+    assert private("_maintenance_task") is None  # after close

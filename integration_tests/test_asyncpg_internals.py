@@ -197,13 +197,13 @@ async def test_disarm_cancels_the_idle_timer_a_failed_reconnect_leaves(dsn: str)
         made.terminate()
 
 
-async def test_raise_floor_opens_the_rest_of_min_size_in_the_background(
+async def test_set_floor_opens_the_rest_of_min_size_in_the_background(
     dsn: str, pg_a: PgServer
 ) -> None:
     made = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
     try:
         assert made.get_size() == 1
-        _asyncpg.raise_floor(made, 3)
+        _asyncpg.set_floor(made, 3)
         assert made.get_min_size() == 3
         if hasattr(made, "_schedule_min_size_maintenance"):  # asyncpg 0.32: opened for us
             await wait_until(made.get_size, lambda n: n == 3, timeout=10)
