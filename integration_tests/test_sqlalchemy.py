@@ -658,7 +658,8 @@ async def test_a_dsn_on_which_the_apps_connect_listener_fails_is_not_swapped_in(
         assert await port_of(engine) == pg_a.port
         write_dsn(dsn_file, pg_b.dsn(user, password))
         error = await wait_until(lambda: engine.last_error, timeout=10)
-        assert table in str(error)
+        # Not the whole name: redaction may hide a piece of it that the password shares.
+        assert "needed_" in str(error) and "does not exist" in str(error)
         assert engine.generation == 0
         assert await port_of(engine) == pg_a.port
         await pg_b.execute(f'CREATE TABLE "{table}" (id int)')

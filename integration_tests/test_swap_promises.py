@@ -92,7 +92,8 @@ async def test_a_dsn_whose_connections_fail_init_or_setup_is_not_swapped_in(
         ) as pool:
             write_dsn(dsn_file, pg_b.dsn(user, password))
             error = await wait_until(lambda: pool.last_error, timeout=10)
-            assert table in str(error) and "does not exist" in str(error)
+            # Not the whole name: redaction may hide a piece of it that the password shares.
+            assert "needed_" in str(error) and "does not exist" in str(error)
             assert pool.generation == 0 and await port_of(pool) == pg_a.port
             await pg_b.execute(f'CREATE TABLE "{table}" (id int)')
             await pg_b.execute(f'GRANT SELECT ON "{table}" TO "{user}"')
