@@ -526,7 +526,30 @@ def as_url(dsn: str) -> str:
     sees it, so nothing asyncpg would misread (and quote back in an error) reaches it.
     """
     check_dsn(dsn)
-    return key_value_to_url(dsn) if is_key_value(dsn) else dsn
+    return key_value_to_url(dsn) if is_key_value(dsn) else _dbname_in_path(dsn)
+
+
+def _dbname_in_path(url: str) -> str:
+    """*url* with a ``dbname`` query parameter moved into its path, where asyncpg reads it.
+
+    libpq lets ``?dbname=`` name the database (``postgresql:///?host=db&dbname=app``, and over
+    a path); asyncpg takes the path even when it is empty, so such a URL would silently reach
+    the database named after the user. The other parameters are kept as written.
+    """
+    head, mark, query = url.partition("?")
+    if not mark:
+        return url
+    params = query.split("&")
+    names = [unquote_plus(param.partition("=")[0]) for param in params]
+    if "dbname" not in names:
+        return url
+    last = len(names) - 1 - names[::-1].index("dbname")  # libpq: the last one counts
+    database = unquote_plus(params[last].partition("=")[2])
+    rest = "&".join(p for p, name in zip(params, names, strict=True) if name != "dbname")
+    scheme, sep, after = head.partition("://")
+    netloc = after.split("/", 1)[0]
+    url = f"{scheme}{sep}{netloc}/{quote(database, safe='')}"
+    return f"{url}?{rest}" if rest else url
 
 
 def wants_primary(dsn: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
@@ -174,9 +175,25 @@ def test_check_accepts_what_asyncpg_reads(dsn: str) -> None:
     asyncpg_reads(as_url(dsn))
 
 
-def asyncpg_reads(url: str) -> tuple[str | None, str | None]:
-    """``(user, password)`` as asyncpg itself reads *url* (its private parser: the point is
-    to agree with it), raising what asyncpg raises."""
+@pytest.mark.parametrize(
+    ("dsn", "database"),
+    [
+        ("postgresql:///?host=db&user=app&dbname=orders", "orders"),
+        ("postgresql://db/?dbname=my%20db&sslmode=disable", "my db"),
+        ("postgresql://app:pw@db:5432/postgres?dbname=orders", "orders"),  # libpq: query wins
+        ("postgresql://db?dbname=a&dbname=b", "b"),
+        ("postgresql://db/app?sslmode=disable", "app"),
+    ],
+)
+def test_a_dbname_parameter_names_the_database_asyncpg_connects_to(dsn: str, database: str) -> None:
+    """asyncpg ignores ``?dbname=`` after an empty path: it would connect to the database
+    named after the user."""
+    assert asyncpg_params(as_url(dsn)).database == database
+
+
+def asyncpg_params(url: str) -> Any:
+    """What asyncpg's own parser (private: the point is to agree with it) makes of *url*,
+    raising what asyncpg raises."""
     parse = connect_utils._parse_connect_dsn_and_args  # type: ignore[attr-defined]
     arguments: dict[str, object] = {
         "dsn": url,
@@ -197,6 +214,12 @@ def asyncpg_reads(url: str) -> tuple[str | None, str | None]:
     }
     accepted = inspect.signature(parse).parameters  # asyncpg 0.30 has no service arguments
     _, params = parse(**{k: v for k, v in arguments.items() if k in accepted})
+    return params
+
+
+def asyncpg_reads(url: str) -> tuple[str | None, str | None]:
+    """``(user, password)`` as asyncpg reads *url*."""
+    params = asyncpg_params(url)
     return params.user, params.password
 
 

@@ -1,8 +1,10 @@
 """asyncpg's own pool tests against HotPool, side by side with asyncpg's pool.
 
-    python .ci/asyncpg_pool_suite/run.py /path/to/asyncpg/tests/test_pool.py
+    python .ci/asyncpg_pool_suite/run.py /path/to/asyncpg/tests/test_pool.py [more test files]
 
-Take ``tests/test_pool.py`` from the asyncpg release installed (a checkout at its tag). One
+Take ``tests/test_pool.py`` from the asyncpg release installed (a checkout at its tag), and
+any other of its test files that make pools (``test_adversity.py``, ``test_listeners.py``,
+``test_cache_invalidation.py``, ``test_connect.py``); ``tests/certs`` is copied along. One
 throwaway PostgreSQL server is started (``aiohotload.testing``); the tests run twice, with
 asyncpg's pool and with HotPool, and the outcomes are compared: exit 1 if a test fails with
 HotPool only. Tests that fail with both (a test newer than the release, a server it cannot
@@ -36,13 +38,17 @@ def outcomes(log: str) -> dict[str, str]:
     return seen
 
 
-def main(test_file: Path) -> int:
+def main(test_files: list[Path]) -> int:
     work = Path(tempfile.mkdtemp(prefix="aiohotload-asyncpg-suite-"))
     work.chmod(0o711)  # as root, the server runs as 'postgres', who must reach it
     suite = work / "suite"
     suite.mkdir()
     shutil.copy(HERE / "conftest.py", suite / "conftest.py")
-    shutil.copy(test_file, suite / "test_pool.py")
+    for test_file in test_files:
+        shutil.copy(test_file, suite / test_file.name)
+    certs = test_files[0].parent / "certs"
+    if certs.is_dir():
+        shutil.copytree(certs, suite / "certs")
     server = PgServer(work / "server", template=PgTemplate.create(work / "template"))
     server.start_sync()
     try:
@@ -57,7 +63,7 @@ def main(test_file: Path) -> int:
         results: dict[str, dict[str, str]] = {}
         for mode in ("bare", "hot"):
             run = subprocess.run(
-                [*PYTEST, "test_pool.py"],
+                [*PYTEST, *(test_file.name for test_file in test_files)],
                 check=False,  # failing tests are what is compared
                 cwd=suite,
                 env={**env, "APG_POOL": mode},
@@ -82,6 +88,6 @@ def main(test_file: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main([Path(arg) for arg in sys.argv[1:]]))
