@@ -26,7 +26,6 @@ def _hot_create_pool(dsn: str | None = None, **kwargs: Any) -> Any:
     if os.environ.get("APG_POOL") != "hot" or kwargs.get("pool_class", pool.Pool) is not pool.Pool:
         return _asyncpg_create_pool(dsn, **kwargs)
     kwargs.pop("pool_class", None)
-    kwargs.pop("loop", None)
     if dsn is None:
         params = {
             "host": kwargs.pop("host", os.environ["PGHOST"]),
