@@ -13,15 +13,15 @@ import importlib.util
 import json
 import secrets
 import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from aiohotload.testing import PgServer
+from aiohotload.testing import PgServer, free_port
+
+from .server_process import ServerProcess
 
 __all__ = ["BaoServer", "BaoServerError", "find_bao"]
 
@@ -43,18 +43,13 @@ def find_bao() -> str | None:
     return shutil.which("bao")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class BaoServer:
+class BaoServer(ServerProcess):
     """One OpenBao server on 127.0.0.1 (see the module docstring)."""
 
+    log_name = "bao.log"
+
     def __init__(self, directory: Path, *, binary: str, persistent: bool = False) -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.binary = binary
         self.persistent = persistent
         self.port = free_port()
@@ -62,11 +57,6 @@ class BaoServer:
         self.addr = f"http://127.0.0.1:{self.port}"
         self.root_token = "root-" + secrets.token_hex(8)
         self._unseal_key: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
         """Start the server (same port and storage as before), unsealed and serving."""
@@ -83,13 +73,7 @@ class BaoServer:
                 f"-dev-root-token-id={self.root_token}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
             ]
-        log = (self.directory / "bao.log").open("ab")
-        try:
-            self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        finally:
-            log.close()
+        self._spawn(args)
         try:
             self._wait(lambda status: status is not None)
             if self.persistent:
@@ -98,29 +82,6 @@ class BaoServer:
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM; SIGKILL if it lingers)."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def log(self, lines: int = 20) -> str:
-        try:
-            text = (self.directory / "bao.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     def seal(self) -> None:
         self._sync("PUT", "sys/seal")

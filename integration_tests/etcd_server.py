@@ -7,13 +7,11 @@ it can be stopped and started again on the same ports and data. Its ``put``, ``d
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -23,10 +21,13 @@ from typing import Any
 
 import httpx
 
+from aiohotload.testing import free_port
+
+from .server_process import ServerProcess
+
 __all__ = [
     "EtcdServer",
     "EtcdServerError",
-    "TcpProxy",
     "TlsFiles",
     "connections_to",
     "find_etcd",
@@ -65,13 +66,6 @@ def connections_to(port: int) -> int:
                 established = fields[3] == "01"
                 count += remote_port == port and established and fields[9] in ours
     return count
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -119,13 +113,15 @@ def make_tls_files(directory: Path) -> TlsFiles:
     )
 
 
-class EtcdServer:
+class EtcdServer(ServerProcess):
     """One etcd member on 127.0.0.1; ``tls`` makes it require client certificates."""
+
+    log_name = "etcd.log"
 
     def __init__(
         self, directory: Path, *, binary: str, tls: TlsFiles | None = None, name: str = "hl"
     ) -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.binary = binary
         self.tls = tls
         self.name = name
@@ -136,7 +132,6 @@ class EtcdServer:
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.endpoint = f"127.0.0.1:{self.port}"
         self.initial_cluster = f"{name}={self.peer_url}"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._root_password: str | None = None
 
     @classmethod
@@ -155,10 +150,6 @@ class EtcdServer:
             server.launch()
         for server in servers:
             server.wait_ready()
-
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
         """Start the server (on the same ports and data as before) and wait until it serves."""
@@ -192,13 +183,7 @@ class EtcdServer:
                 f"--trusted-ca-file={self.tls.ca}",
                 "--client-cert-auth",
             ]
-        log = (self.directory / "etcd.log").open("ab")
-        try:
-            self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        finally:
-            log.close()
+        self._spawn(args)
 
     def wait_ready(self) -> None:
         """Wait until the server answers and knows its cluster's leader."""
@@ -223,17 +208,9 @@ class EtcdServer:
         raise EtcdServerError(f"etcd not ready within {READY_TIMEOUT}s ({last!r}): {self.log()}")
 
     def stop(self) -> None:
-        """Stop the server gracefully (SIGTERM), killing it if it lingers."""
+        """Stop the server gracefully (SIGTERM), killing it if it lingers; a frozen one too."""
         self.thaw()
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        super().stop()
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
@@ -257,17 +234,6 @@ class EtcdServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def log(self, lines: int = 20) -> str:
-        try:
-            text = (self.directory / "etcd.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------------ admin requests
 
@@ -339,68 +305,6 @@ class EtcdServer:
     def _client_sync(self) -> httpx.Client:
         verify: ssl.SSLContext | bool = self.tls.client_context() if self.tls else True
         return httpx.Client(verify=verify, timeout=0.25, trust_env=False)
-
-
-class TcpProxy:
-    """Forwards a loopback port to *target_port*; :meth:`cut` drops every connection (and
-    each new one at once) until :meth:`resume`, as a network failure would."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.endpoint = ""
-        self.accepted = 0
-        self._cut = False
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.WriteTransport] = set()
-
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self.endpoint = f"127.0.0.1:{self.port}"
-        return self
-
-    def cut(self) -> None:
-        self._cut = True
-        for transport in list(self._transports):
-            transport.abort()  # a reset, not a polite close
-
-    def resume(self) -> None:
-        self._cut = False
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        if self._cut:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        pair = {writer.transport, up_writer.transport}
-        self._transports |= pair
-        try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-        finally:
-            self._transports -= pair
-            for transport in pair:
-                transport.abort()
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
 
 
 def _b64(text: str) -> str:

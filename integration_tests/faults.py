@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from aiohotload import Event, HotPool
-from aiohotload.testing import wait_until
+from aiohotload.testing import PgServer, wait_until
 
 __all__ = [
     "CONNECTION_ERRORS",
     "EventLog",
     "Load",
     "LogWatch",
+    "backends",
     "no_new_tasks",
 ]
 
@@ -173,3 +174,8 @@ class LogWatch(logging.Handler):
     def __exit__(self, *exc_info: object) -> None:
         self.logger.removeHandler(self)
         self.logger.setLevel(self._level)
+
+
+async def backends(server: PgServer, user: str) -> int:
+    """How many sessions *user* has on *server*."""
+    return len(await server.backends(usename=user))

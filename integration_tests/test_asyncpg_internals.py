@@ -5,18 +5,16 @@ name, before it can fail a swap in production."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
 from aiohotload import _asyncpg
-from aiohotload.testing import PgServer, wait_until
+from aiohotload.testing import PgServer, RoleFactory, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-RoleFactory = Callable[..., Awaitable[tuple[str, str]]]
 
 
 class Woken(Exception):

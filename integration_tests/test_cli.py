@@ -112,17 +112,10 @@ async def test_demo_runs_to_the_end_without_a_failed_query_and_cleans_up(
 async def test_demo_on_existing_servers_stops_on_a_signal_and_drops_its_role(
     pg_a: PgServer, pg_b: PgServer, signum: int, code: int, ended: str
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "aiohotload",
+    proc = await start_cli(
         "demo",
         *("--duration", "120", "--interval", "0.3", "--workers", "2"),
         *("--dsn-a", pg_a.admin_dsn, "--dsn-b", pg_b.admin_dsn),
-        cwd=ROOT,
-        env=child_env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
@@ -211,7 +204,11 @@ def programs(tmp_path: Path) -> Iterator[Path]:
                 os.kill(pid, signal.SIGKILL)
 
 
-async def start_cli(*args: str) -> asyncio.subprocess.Process:
+async def start_cli(
+    *args: str, stderr: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """``python -m aiohotload *args`` from the repository, its output piped (*stderr*: or
+    ``STDOUT``, merged into it)."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -221,7 +218,7 @@ async def start_cli(*args: str) -> asyncio.subprocess.Process:
         env=child_env(),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
     )
 
 

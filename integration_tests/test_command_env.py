@@ -55,14 +55,6 @@ def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-@pytest.fixture
-async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[str, str]:
-    """One role with the same name and (hostile) password on both servers."""
-    name, password = await role(pg_a)
-    await role(pg_b, name=name, password=password)
-    return name, password
-
-
 # ---------------------------------------------------------------------------- exec
 
 

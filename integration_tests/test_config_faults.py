@@ -25,7 +25,7 @@ import pytest
 import aiohotload
 from aiohotload import HotPool, ReloadFailed, SwapDone, redact_dsn
 from aiohotload.drivers import asyncpg_driver
-from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until, watch_url, write_dsn
+from aiohotload.testing import PgServer, port_of, wait_until, watch_url, write_dsn
 
 from .faults import EventLog, Load, LogWatch
 
@@ -34,14 +34,6 @@ pytestmark = pytest.mark.timeout(60)
 # The watchfiles strategy logs "DSN file <path> <why>; keeping the current DSN" when it reads
 # the file and cannot use what it finds.
 KEEPING = "keeping the current DSN"
-
-
-@pytest.fixture
-async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[str, str]:
-    """One role with the same name and password on both servers."""
-    name, password = await role(pg_a)
-    await role(pg_b, name=name, password=password)
-    return name, password
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from aiohotload.strategies import register_strategy, unregister_strategy
 from aiohotload.strategies.etcd import EtcdStrategy
 from aiohotload.testing import PgServer, RoleFactory, hostile_password, port_of, wait_until
 
-from .etcd_server import EtcdServer, TcpProxy, connections_to, find_etcd, make_tls_files
+from .etcd_server import EtcdServer, connections_to, find_etcd, make_tls_files
+from .tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.source]
 
@@ -70,9 +71,19 @@ def etcd_disposable(tmp_path: Path) -> Iterator[EtcdServer]:
 @pytest.fixture
 async def proxy(etcd: EtcdServer) -> AsyncIterator[TcpProxy]:
     """A TCP proxy in front of the shared server, whose connections a test can cut."""
-    proxy = await TcpProxy(etcd.port).start()
+    proxy = await TcpProxy("127.0.0.1", etcd.port).start()
     yield proxy
     await proxy.close()
+
+
+def endpoint(proxy: TcpProxy) -> str:
+    return f"127.0.0.1:{proxy.port}"
+
+
+def cut(proxy: TcpProxy) -> None:
+    """The network to etcd fails: every connection reset, and each new one, until resumed."""
+    proxy.mode = "reset"
+    proxy.cut()
 
 
 @pytest.fixture
@@ -201,19 +212,19 @@ async def test_compaction_while_disconnected_rereads_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     await etcd.put(key, "postgresql://u@db1/app")
-    gen = watch(key, endpoints=proxy.endpoint)
+    gen = watch(key, endpoints=endpoint(proxy))
     try:
         assert await next_value(gen) == "postgresql://u@db1/app"
         pending = asyncio.ensure_future(next_value(gen))
         await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
-        proxy.cut()
+        cut(proxy)
         await wait_until(lambda: logged(caplog, "lost the watch"), timeout=10)
         # Changes the watcher cannot see, then the history it would resume from is dropped.
         for n in (2, 3, 4):
             await etcd.put(key, f"postgresql://u@db{n}/app")
         await etcd.put(f"{key}-other", "x")
         await etcd.compact()
-        proxy.resume()
+        proxy.mode = "pass"
         assert await pending == "postgresql://u@db4/app"
         assert logged(caplog, "compacted")
         await etcd.put(key, "postgresql://u@db5/app")
@@ -227,15 +238,15 @@ async def test_moves_to_the_next_endpoint_when_one_fails(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     await etcd.put(key, "postgresql://u@db1/app")
-    gen = watch(key, endpoints=f"{proxy.endpoint},{etcd.endpoint}")
+    gen = watch(key, endpoints=f"{endpoint(proxy)},{etcd.endpoint}")
     try:
         assert await next_value(gen) == "postgresql://u@db1/app"
         pending = asyncio.ensure_future(next_value(gen))
         await wait_until(lambda: logged(caplog, "watch created"), timeout=10)
-        proxy.cut()
+        cut(proxy)
         await etcd.put(key, "postgresql://u@db2/app")
         assert await pending == "postgresql://u@db2/app"
-        assert logged(caplog, f"through http://{proxy.endpoint}")
+        assert logged(caplog, f"through http://{endpoint(proxy)}")
         assert logged(caplog, f"again through http://{etcd.endpoint}")
     finally:
         await gen.aclose()

@@ -22,7 +22,7 @@ from aiohotload.testing import (
     write_dsn,
 )
 
-from .faults import EventLog
+from .faults import EventLog, backends
 from .tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,10 +70,6 @@ async def proxy() -> AsyncIterator[TcpProxy]:
     made = TcpProxy("127.0.0.1", 1)  # pointed at a server by each test
     async with made:
         yield made
-
-
-async def backends(server: PgServer, user: str) -> int:
-    return len(await server.backends(usename=user))
 
 
 async def test_a_server_turned_read_only_is_left_for_the_one_that_takes_writes(

@@ -34,14 +34,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[str, str]:
-    """One role with the same name and password on both servers."""
-    name, password = await role(pg_a)
-    await role(pg_b, name=name, password=password)
-    return name, password
-
-
-@pytest.fixture
 async def proxy_a(pg_a: PgServer) -> AsyncIterator[TcpProxy]:
     async with TcpProxy(pg_a.host, pg_a.port) as proxy:
         yield proxy

@@ -15,36 +15,21 @@ import aiohotload
 from aiohotload import HotPool
 from aiohotload.testing import PgServer, RoleFactory, port_of, wait_until, watch_url, write_dsn
 
+from .faults import backends
+
 pytestmark = pytest.mark.timeout(90)
 
 
-async def backends(server: PgServer, user: str) -> int:
-    return len(await server.backends(usename=user))
-
-
-@pytest.fixture
-def dsn_file(tmp_path: Path) -> Path:
-    return tmp_path / "dsn.txt"
-
-
-@pytest.fixture
-async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> tuple[str, str]:
-    """One role with the same name and password on both servers."""
-    name, password = await role(pg_a)
-    await role(pg_b, name=name, password=password)
-    return name, password
-
-
 async def test_switches_servers_when_the_file_changes(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=4) as pool:
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=4) as pool:
         assert await port_of(pool) == pg_a.port
         assert pool.generation == 0
         swapped = asyncio.ensure_future(pool.wait_for_swap(timeout=10))
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         assert await swapped == 1
         assert await port_of(pool) == pg_b.port
         assert pool.generation == 1
@@ -52,26 +37,26 @@ async def test_switches_servers_when_the_file_changes(
         await wait_until(lambda: backends(pg_a, user), lambda n: n == 0, timeout=10)
 
 
-async def test_key_value_dsn(pg_a: PgServer, role: RoleFactory, dsn_file: Path) -> None:
+async def test_key_value_dsn(pg_a: PgServer, role: RoleFactory, dsn_path: Path) -> None:
     user, password = await role(pg_a)
-    write_dsn(dsn_file, pg_a.kv_dsn(user, password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
+    write_dsn(dsn_path, pg_a.kv_dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=2) as pool:
         assert await pool.fetchval("SELECT current_user") == user
         assert pool.target is not None and password not in pool.target
 
 
 async def test_password_rotation_with_alter_role(
-    pg_a: PgServer, role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, old_password = await role(pg_a)
     new_password = old_password[::-1] + "-rotated"
-    write_dsn(dsn_file, pg_a.dsn(user, old_password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=4) as pool:
+    write_dsn(dsn_path, pg_a.dsn(user, old_password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=2, max_size=4) as pool:
         assert await pool.fetchval("SELECT current_user") == user
         await pg_a.alter_password(user, new_password)
         # Connections opened with the old password stay valid; new ones need the new one.
         assert await pool.fetchval("SELECT 1") == 1
-        write_dsn(dsn_file, pg_a.dsn(user, new_password))
+        write_dsn(dsn_path, pg_a.dsn(user, new_password))
         await pool.wait_for_swap(timeout=10)
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT current_user") == user
@@ -80,37 +65,37 @@ async def test_password_rotation_with_alter_role(
 
 
 async def test_bad_dsn_keeps_the_old_pool_then_recovers(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=2) as pool:
         for bad in (
             pg_b.dsn(user, "wrong-password"),
             "postgresql://nobody@127.0.0.1:1/nowhere",
             "this is not a DSN at all",
         ):
-            write_dsn(dsn_file, bad)
+            write_dsn(dsn_path, bad)
             await wait_until(lambda: pool.last_error, lambda e: e is not None, timeout=10)
             assert pool.generation == 0
             assert await port_of(pool) == pg_a.port
-            write_dsn(dsn_file, pg_a.dsn(user, password))
+            write_dsn(dsn_path, pg_a.dsn(user, password))
             await wait_until(lambda: pool.last_error, lambda e: e is None, timeout=10)
         assert "wrong-password" not in str(pool.last_error)
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         assert await port_of(pool) == pg_b.port
 
 
 async def test_late_server_is_picked_up_by_retry(
-    pg_a: PgServer, pg_disposable: PgServer, role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, pg_disposable: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = await role(pg_a)
     await role(pg_disposable, name=user, password=password)
     await pg_disposable.stop("fast")
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
-        write_dsn(dsn_file, pg_disposable.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=2) as pool:
+        write_dsn(dsn_path, pg_disposable.dsn(user, password))
         await wait_until(lambda: pool.last_error, lambda e: e is not None, timeout=10)
         assert await port_of(pool) == pg_a.port
         await pg_disposable.start()
@@ -120,7 +105,7 @@ async def test_late_server_is_picked_up_by_retry(
 
 
 async def test_graceful_drain_lets_an_open_transaction_commit_on_the_old_server(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
     table = f"t_{user}"
@@ -131,13 +116,13 @@ async def test_graceful_drain_lets_an_open_transaction_commit_on_the_old_server(
             await admin.execute(f'GRANT ALL ON "{table}" TO "{user}"')
         finally:
             await admin.close()
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=4) as pool:
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=2, max_size=4) as pool:
         conn = await pool.acquire()
         tx = conn.transaction()
         await tx.start()
         await conn.execute(f'INSERT INTO "{table}" VALUES (1)')
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         assert await port_of(pool) == pg_b.port
         # The old connection still works and its transaction commits on A.
@@ -159,11 +144,11 @@ async def test_graceful_drain_lets_an_open_transaction_commit_on_the_old_server(
 
 
 async def test_drain_timeout_terminates_stragglers(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    url = watch_url(dsn_file, drain_timeout="300ms")
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    url = watch_url(dsn_path, drain_timeout="300ms")
     async with aiohotload.create_pool(url, min_size=1, max_size=4) as pool:
         conn = await pool.acquire()
         slow = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(60)"))
@@ -174,7 +159,7 @@ async def test_drain_timeout_terminates_stragglers(
             ),
             timeout=10,
         )
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
             await asyncio.wait_for(slow, timeout=10)
@@ -185,11 +170,11 @@ async def test_drain_timeout_terminates_stragglers(
 
 
 async def test_force_kill_stops_server_query(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    url = watch_url(dsn_file, forceKill="true")
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    url = watch_url(dsn_path, forceKill="true")
     async with aiohotload.create_pool(url, min_size=1, max_size=4) as pool:
         slow = asyncio.ensure_future(pool.fetchval("SELECT pg_sleep(60)"))
         await wait_until(
@@ -201,7 +186,7 @@ async def test_force_kill_stops_server_query(
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
             await asyncio.wait_for(slow, timeout=10)
@@ -211,27 +196,27 @@ async def test_force_kill_stops_server_query(
 
 
 async def test_server_dies_then_switch(
-    pg_disposable: PgServer, pg_b: PgServer, role: RoleFactory, dsn_file: Path
+    pg_disposable: PgServer, pg_b: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = await role(pg_disposable)
     await role(pg_b, name=user, password=password)
-    write_dsn(dsn_file, pg_disposable.dsn(user, password))
-    url = watch_url(dsn_file, drain_timeout="2s")
+    write_dsn(dsn_path, pg_disposable.dsn(user, password))
+    url = watch_url(dsn_path, drain_timeout="2s")
     async with aiohotload.create_pool(url, min_size=2, max_size=4) as pool:
         assert await port_of(pool) == pg_disposable.port
         await pg_disposable.stop("immediate")
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         for _ in range(10):
             assert await port_of(pool) == pg_b.port
 
 
 async def test_no_failed_queries_across_many_swaps(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = user_ab
     targets = [pg_a.dsn(user, password), pg_b.dsn(user, password), pg_a.kv_dsn(user, password)]
-    write_dsn(dsn_file, targets[0])
+    write_dsn(dsn_path, targets[0])
     failures: list[BaseException] = []
     done = 0
     stop = asyncio.Event()
@@ -256,10 +241,10 @@ async def test_no_failed_queries_across_many_swaps(
             except Exception as exc:
                 failures.append(exc)
 
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=8) as pool:
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=2, max_size=8) as pool:
         tasks = [asyncio.ensure_future(worker(pool, n)) for n in range(36)]
         for i in range(1, 31):
-            write_dsn(dsn_file, targets[i % len(targets)])
+            write_dsn(dsn_path, targets[i % len(targets)])
             assert await pool.wait_for_swap(timeout=10) == i
             target = done + 20
             await wait_until(lambda target=target: done >= target, timeout=10)
@@ -272,14 +257,14 @@ async def test_no_failed_queries_across_many_swaps(
 
 
 async def test_close_leaves_no_server_connections_and_no_tasks(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
     tasks_before = asyncio.all_tasks()
-    pool = await aiohotload.create_pool(watch_url(dsn_file), min_size=3, max_size=6)
+    pool = await aiohotload.create_pool(watch_url(dsn_path), min_size=3, max_size=6)
     held = await pool.acquire()
-    write_dsn(dsn_file, pg_b.dsn(user, password))
+    write_dsn(dsn_path, pg_b.dsn(user, password))
     await pool.wait_for_swap(timeout=10)
     assert await pool.fetchval("SELECT 1") == 1
     assert await backends(pg_a, user) >= 1 and await backends(pg_b, user) >= 1
@@ -302,11 +287,11 @@ async def test_close_leaves_no_server_connections_and_no_tasks(
 
 
 async def test_terminate_is_immediate_and_idempotent(
-    pg_a: PgServer, role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = await role(pg_a)
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    pool = await aiohotload.create_pool(watch_url(dsn_file), min_size=2, max_size=2)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    pool = await aiohotload.create_pool(watch_url(dsn_path), min_size=2, max_size=2)
     conn = await pool.acquire()
     pool.terminate()
     pool.terminate()
@@ -318,13 +303,13 @@ async def test_terminate_is_immediate_and_idempotent(
 
 
 async def test_release_returns_connection_to_its_own_pool_after_swap(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=2) as pool:
         conns = [await pool.acquire() for _ in range(2)]
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         new = await pool.acquire()
         assert await new.fetchval("SELECT inet_server_port()") == pg_b.port
@@ -341,23 +326,23 @@ async def test_no_password_in_logs_errors_or_repr(
     pg_a: PgServer,
     pg_b: PgServer,
     user_ab: tuple[str, str],
-    dsn_file: Path,
+    dsn_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
     seen: list[str] = []
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
-        write_dsn(dsn_file, pg_b.kv_dsn(user, password + "-wrong"))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=2) as pool:
+        write_dsn(dsn_path, pg_b.kv_dsn(user, password + "-wrong"))
         await wait_until(lambda: pool.last_error, lambda e: e is not None, timeout=10)
         seen += [str(pool.last_error), repr(pool.last_error), repr(pool), str(pool.target)]
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await pool.wait_for_swap(timeout=10)
         seen += [repr(pool), str(pool.target)]
-    write_dsn(dsn_file, pg_a.dsn(user, password + "-wrong"))
+    write_dsn(dsn_path, pg_a.dsn(user, password + "-wrong"))
     # Raised as asyncpg raises it (its text holds no password); last_error names the target.
-    failing = aiohotload.create_pool(watch_url(dsn_file))
+    failing = aiohotload.create_pool(watch_url(dsn_path))
     with pytest.raises(asyncpg.InvalidPasswordError) as info:
         await failing
     seen += [str(info.value), repr(info.value), str(failing.last_error), repr(failing)]
@@ -369,39 +354,39 @@ async def test_no_password_in_logs_errors_or_repr(
         assert password not in text
 
 
-async def test_bad_input_fails_fast_with_clear_errors(dsn_file: Path) -> None:
+async def test_bad_input_fails_fast_with_clear_errors(dsn_path: Path) -> None:
     with pytest.raises(aiohotload.UnknownStrategyError, match="nosuch"):
-        aiohotload.create_pool(f"nosuch://postgres{dsn_file}")
+        aiohotload.create_pool(f"nosuch://postgres{dsn_path}")
     with pytest.raises(aiohotload.UnknownDriverError, match="mysql"):
-        aiohotload.create_pool(f"watchfiles://mysql{dsn_file}")
+        aiohotload.create_pool(f"watchfiles://mysql{dsn_path}")
     with pytest.raises(aiohotload.SourceError, match=r"dsn\.txt"):
-        await asyncio.wait_for(aiohotload.create_pool(watch_url(dsn_file)), timeout=5)
-    write_dsn(dsn_file, "postgresql://u@127.0.0.1:1/db")
+        await asyncio.wait_for(aiohotload.create_pool(watch_url(dsn_path)), timeout=5)
+    write_dsn(dsn_path, "postgresql://u@127.0.0.1:1/db")
     with pytest.raises(aiohotload.InvalidOptionError, match="debounse"):
-        await asyncio.wait_for(aiohotload.create_pool(watch_url(dsn_file, debounse="5")), timeout=5)
+        await asyncio.wait_for(aiohotload.create_pool(watch_url(dsn_path, debounse="5")), timeout=5)
     with pytest.raises(aiohotload.InvalidOptionError, match="drain_timeout"):
-        aiohotload.create_pool(watch_url(dsn_file, drain_timeout="soon"))
+        aiohotload.create_pool(watch_url(dsn_path, drain_timeout="soon"))
     # An unreachable server: the error asyncpg raises (here the connection refused, which
     # names the address); the pool's last_error names the DSN, redacted.
-    unreachable = aiohotload.create_pool(watch_url(dsn_file))
+    unreachable = aiohotload.create_pool(watch_url(dsn_path))
     with pytest.raises(ConnectionRefusedError, match=r"127\.0\.0\.1"):
         await asyncio.wait_for(unreachable, timeout=15)
     assert "postgresql://u@127.0.0.1:1/db" in str(unreachable.last_error)
 
 
 async def test_copy_and_executemany_follow_the_swap(
-    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: tuple[str, str], dsn_path: Path
 ) -> None:
     user, password = user_ab
     table = f"c_{user}"
     for server in (pg_a, pg_b):
         await server.execute(f'CREATE TABLE "{table}" (id int, name text)')
         await server.execute(f'GRANT ALL ON "{table}" TO "{user}"')
-    write_dsn(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
     try:
-        async with aiohotload.create_pool(watch_url(dsn_file), min_size=1, max_size=2) as pool:
+        async with aiohotload.create_pool(watch_url(dsn_path), min_size=1, max_size=2) as pool:
             await pool.copy_records_to_table(table, records=[(1, "a"), (2, "b")])
-            write_dsn(dsn_file, pg_b.dsn(user, password))
+            write_dsn(dsn_path, pg_b.dsn(user, password))
             await pool.wait_for_swap(timeout=10)
             await pool.executemany(f'INSERT INTO "{table}" VALUES ($1, $2)', [(3, "c")])
             buf = io.BytesIO(b"4\td\n")
@@ -421,16 +406,16 @@ async def test_copy_and_executemany_follow_the_swap(
 
 
 async def test_draining_pool_does_not_reconnect_to_the_old_server(
-    pg_a: PgServer, role: RoleFactory, dsn_file: Path, caplog: pytest.LogCaptureFixture
+    pg_a: PgServer, role: RoleFactory, dsn_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     user, old_password = await role(pg_a)
     new_password = old_password + "-next"
-    write_dsn(dsn_file, pg_a.dsn(user, old_password))
-    async with aiohotload.create_pool(watch_url(dsn_file), min_size=3, max_size=4) as pool:
+    write_dsn(dsn_path, pg_a.dsn(user, old_password))
+    async with aiohotload.create_pool(watch_url(dsn_path), min_size=3, max_size=4) as pool:
         held = [await pool.acquire() for _ in range(2)]
         await pg_a.alter_password(user, new_password)
-        write_dsn(dsn_file, pg_a.dsn(user, new_password))
+        write_dsn(dsn_path, pg_a.dsn(user, new_password))
         await pool.wait_for_swap(timeout=10)
         for conn in held:
             await pool.release(conn)
@@ -442,7 +427,7 @@ async def test_draining_pool_does_not_reconnect_to_the_old_server(
 
 @pytest.mark.parametrize("outcome", ["fails", "is cancelled"])
 async def test_a_pool_that_did_not_open_leaves_no_connection(
-    pg_a: PgServer, role: RoleFactory, dsn_file: Path, outcome: str
+    pg_a: PgServer, role: RoleFactory, dsn_path: Path, outcome: str
 ) -> None:
     """Opening a pool that fails or is cancelled halfway through leaves no connection behind,
     whatever asyncpg does with a pool whose initialisation failed (before 0.32 it keeps
@@ -462,9 +447,9 @@ async def test_a_pool_that_did_not_open_leaves_no_connection(
         made.append(conn)
         return conn
 
-    write_dsn(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
     opening = asyncio.ensure_future(
-        aiohotload.create_pool(watch_url(dsn_file), min_size=3, max_size=3, connect=connect)
+        aiohotload.create_pool(watch_url(dsn_path), min_size=3, max_size=3, connect=connect)
     )
     await asyncio.wait_for(second.wait(), 10)
     if outcome == "fails":

@@ -35,6 +35,7 @@ from aiohotload.testing import (
     write_dsn,
 )
 
+from .faults import backends
 from .tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,10 +55,6 @@ class Note(Base):
     port: Mapped[int] = mapped_column(server_default=text("inet_server_port()"))
 
 
-async def backends(server: PgServer, user: str) -> int:
-    return len(await server.backends(usename=user))
-
-
 async def no_backends(server: PgServer, user: str) -> None:
     """Wait until *server* has no session of *user* left."""
     await wait_until(
@@ -75,19 +72,6 @@ async def port_of(engine: HotEngine) -> int:
 
 async def swapped_to(engine: HotEngine, generation: int) -> None:
     await wait_until(lambda: engine.generation, lambda g: g >= generation, timeout=10)
-
-
-@pytest.fixture
-def dsn_file(tmp_path: Path) -> Path:
-    return tmp_path / "dsn.txt"
-
-
-@pytest.fixture
-async def user_ab(pg_a: PgServer, pg_b: PgServer, role: RoleFactory) -> Role:
-    """One role with the same name and password on both servers."""
-    made = await role(pg_a)
-    await role(pg_b, name=made.name, password=made.password)
-    return made
 
 
 @pytest.fixture
@@ -111,18 +95,18 @@ async def note_ids(server: PgServer) -> list[int]:
 
 
 async def test_sessions_follow_the_dsn_to_another_server(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=4)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=4)
     try:
         assert await port_of(engine) == pg_a.port
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT current_user")) == user
         assert engine.generation == 0
         assert engine.target == f"postgresql://{user}:********@127.0.0.1:{pg_a.port}/postgres"
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         async with engine.begin() as conn:
             assert await conn.scalar(text("SELECT inet_server_port()")) == pg_b.port
@@ -134,15 +118,15 @@ async def test_sessions_follow_the_dsn_to_another_server(
 
 
 async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotations(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, notes: None, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, notes: None, dsn_path: Path
 ) -> None:
     """Concurrent ORM sessions write and read while the DSN moves between servers and the
     password is rotated (ALTER ROLE, then the new DSN): no transaction fails, and every
     committed row is on exactly one server."""
     user, password = user_ab
     passwords = {pg_a.port: password, pg_b.port: password}
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=8, max_overflow=0)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=8, max_overflow=0)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     committed: list[int] = []
     failures: list[BaseException] = []
@@ -187,7 +171,7 @@ async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotation
             else:
                 old, on = on, (pg_b if on is pg_a else pg_a)
             dsn_of = on.kv_dsn if generation % 3 == 0 else on.dsn
-            write_dsn(dsn_file, dsn_of(user, passwords[on.port]))
+            write_dsn(dsn_path, dsn_of(user, passwords[on.port]))
             await swapped_to(engine, generation)
             assert engine.generation == generation
             await progress()
@@ -206,13 +190,13 @@ async def test_orm_sessions_lose_no_transaction_across_server_moves_and_rotation
 
 
 async def test_sessions_waiting_for_a_full_pool_are_served_across_swaps(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     """More sessions than connections: those waiting for one when a swap happens get one (a
     slot freed by an old connection reconnects with the new DSN)."""
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=2, max_overflow=0)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=2, max_overflow=0)
     done = 0
     failures: list[BaseException] = []
     stop = asyncio.Event()
@@ -233,7 +217,7 @@ async def test_sessions_waiting_for_a_full_pool_are_served_across_swaps(
             target = done + 30
             await wait_until(lambda target=target: done >= target, timeout=20)
             server = pg_b if generation % 2 else pg_a
-            write_dsn(dsn_file, server.dsn(user, password))
+            write_dsn(dsn_path, server.dsn(user, password))
             await swapped_to(engine, generation)
         target = done + 30
         await wait_until(lambda: done >= target, timeout=20)
@@ -247,21 +231,21 @@ async def test_sessions_waiting_for_a_full_pool_are_served_across_swaps(
 
 
 async def test_connecting_to_a_silent_old_server_moves_to_the_new_one(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     """A session waiting for a new connection to the old server, which has stopped
     answering, is given one to the new server when the swap happens."""
     user, password = user_ab
     async with TcpProxy(pg_a.host, pg_a.port) as proxy:
-        write_dsn(dsn_file, url_dsn("127.0.0.1", proxy.port, user, password))
-        engine = create_async_engine(watch_url(dsn_file), pool_size=1)
+        write_dsn(dsn_path, url_dsn("127.0.0.1", proxy.port, user, password))
+        engine = create_async_engine(watch_url(dsn_path), pool_size=1)
         try:
             held = await engine.connect()
             await held.execute(text("SELECT 1"))
             proxy.mode = "blackhole"
             waiting = asyncio.ensure_future(port_of(engine))  # needs a second connection
             await wait_until(lambda: proxy.active, lambda n: n == 2, what="a connect in flight")
-            write_dsn(dsn_file, pg_b.dsn(user, password))
+            write_dsn(dsn_path, pg_b.dsn(user, password))
             assert await asyncio.wait_for(waiting, timeout=10) == pg_b.port
             proxy.mode = "pass"
             await held.close()
@@ -272,16 +256,16 @@ async def test_connecting_to_a_silent_old_server_moves_to_the_new_one(
 
 
 async def test_transaction_open_across_a_swap_commits_on_the_old_server(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, notes: None, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, notes: None, dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=4)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=4)
     try:
         async with AsyncSession(engine) as old_session, old_session.begin():
             old_session.add(Note(id=1, body="before the swap"))
             await old_session.flush()
-            write_dsn(dsn_file, pg_b.dsn(user, password))
+            write_dsn(dsn_path, pg_b.dsn(user, password))
             await swapped_to(engine, 1)
             # New sessions go to B meanwhile.
             async with AsyncSession(engine) as new_session, new_session.begin():
@@ -300,11 +284,11 @@ async def test_transaction_open_across_a_swap_commits_on_the_old_server(
 
 
 async def test_old_server_has_no_connection_left_after_the_drain(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=5)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=5)
     seen: list[Event] = []
     engine.add_listener(seen.append)
     try:
@@ -317,7 +301,7 @@ async def test_old_server_has_no_connection_left_after_the_drain(
         assert await backends(pg_a, user) == 5
         held = await engine.connect()
         await held.execute(text("SELECT 1"))
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         # The idle ones are closed at once; the held one keeps working.
         await wait_until(lambda: backends(pg_a, user), lambda n: n == 1, timeout=10)
@@ -343,13 +327,13 @@ async def test_bad_dsn_keeps_the_engine_working_then_recovers(
     pg_a: PgServer,
     pg_b: PgServer,
     user_ab: Role,
-    dsn_file: Path,
+    dsn_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, "aiohotload")
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=2)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=2)
     failed: list[ReloadFailed] = []
     engine.add_listener(lambda e: failed.append(e) if isinstance(e, ReloadFailed) else None)
     try:
@@ -360,7 +344,7 @@ async def test_bad_dsn_keeps_the_engine_working_then_recovers(
             "this is not a DSN at all",
         ):
             count = len(failed)
-            write_dsn(dsn_file, bad)
+            write_dsn(dsn_path, bad)
             await wait_until(lambda count=count: len(failed) > count, timeout=10)
             assert engine.last_error is not None
             assert engine.generation == 0
@@ -368,7 +352,7 @@ async def test_bad_dsn_keeps_the_engine_working_then_recovers(
             async with AsyncSession(engine) as session, session.begin():
                 assert await session.scalar(text("SELECT 1")) == 1
         assert password not in str(engine.last_error)
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         assert engine.last_error is None
         assert await port_of(engine) == pg_b.port
@@ -379,16 +363,16 @@ async def test_bad_dsn_keeps_the_engine_working_then_recovers(
 
 
 async def test_late_server_is_picked_up_by_the_retry(
-    pg_a: PgServer, pg_disposable: PgServer, role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, pg_disposable: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = await role(pg_a)
     await role(pg_disposable, name=user, password=password)
     await pg_disposable.stop("fast")
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path))
     try:
         await engine.start()
-        write_dsn(dsn_file, pg_disposable.dsn(user, password))
+        write_dsn(dsn_path, pg_disposable.dsn(user, password))
         await wait_until(lambda: engine.last_error, lambda e: e is not None, timeout=10)
         assert await port_of(engine) == pg_a.port
         await pg_disposable.start()
@@ -422,11 +406,11 @@ async def sleeper(engine: HotEngine) -> Callable[[], Awaitable[object]]:
 
 
 async def test_force_kill_stops_old_queries_at_once(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file, force_kill="true"), pool_size=4)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path, force_kill="true"), pool_size=4)
     seen: list[Event] = []
     engine.add_listener(seen.append)
     try:
@@ -434,7 +418,7 @@ async def test_force_kill_stops_old_queries_at_once(
         await idle.execute(text("SELECT 1"))  # checked out, in a transaction, not running
         outcome = await sleeper(engine)
         await wait_for_sleeper(pg_a, user)
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         with pytest.raises(DBAPIError) as info:
             await outcome()
@@ -452,17 +436,17 @@ async def test_force_kill_stops_old_queries_at_once(
 
 
 async def test_drain_timeout_terminates_stragglers(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file, drain_timeout="300ms"), pool_size=4)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path, drain_timeout="300ms"), pool_size=4)
     seen: list[Event] = []
     engine.add_listener(seen.append)
     try:
         outcome = await sleeper(engine)
         await wait_for_sleeper(pg_a, user)
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         with pytest.raises(DBAPIError):
             await outcome()
@@ -475,17 +459,17 @@ async def test_drain_timeout_terminates_stragglers(
 
 
 async def test_dispose_leaves_no_backends_and_no_tasks(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
     tasks_before = asyncio.all_tasks()
-    engine = create_async_engine(watch_url(dsn_file), pool_size=3)
+    engine = create_async_engine(watch_url(dsn_path), pool_size=3)
     for _ in range(3):
         assert await port_of(engine) == pg_a.port
     held = AsyncSession(engine)
     await held.execute(text("SELECT 1"))
-    write_dsn(dsn_file, pg_b.dsn(user, password))
+    write_dsn(dsn_path, pg_b.dsn(user, password))
     await swapped_to(engine, 1)
     assert await port_of(engine) == pg_b.port
     # Disposing while a session of each generation is still open: both are closed when they
@@ -512,14 +496,14 @@ async def test_dispose_leaves_no_backends_and_no_tasks(
 
 
 async def test_first_dsn_errors_reach_start_and_the_first_session(
-    pg_a: PgServer, role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = await role(pg_a)
-    engine = create_async_engine(watch_url(dsn_file, connect_timeout="5s"))
+    engine = create_async_engine(watch_url(dsn_path, connect_timeout="5s"))
     try:
         with pytest.raises(SourceError, match=r"dsn\.txt"):
             await engine.start()
-        write_dsn(dsn_file, pg_a.dsn(user, password + "-wrong"))
+        write_dsn(dsn_path, pg_a.dsn(user, password + "-wrong"))
         # Raised as SQLAlchemy raises it for a plain engine (its text holds no password);
         # last_error names the target, redacted.
         with pytest.raises(sqlalchemy.exc.DBAPIError) as info:
@@ -528,19 +512,19 @@ async def test_first_dsn_errors_reach_start_and_the_first_session(
         assert "password authentication failed" in str(info.value)
         assert "********" in str(engine.last_error)
         assert password not in str(engine.last_error)
-        write_dsn(dsn_file, pg_a.dsn(user, password))
+        write_dsn(dsn_path, pg_a.dsn(user, password))
         assert await port_of(engine) == pg_a.port  # the next use starts again
     finally:
         await engine.dispose()
 
 
 async def test_key_value_dsn_and_connect_args(
-    pg_a: PgServer, role: RoleFactory, dsn_file: Path
+    pg_a: PgServer, role: RoleFactory, dsn_path: Path
 ) -> None:
     user, password = await role(pg_a)
-    write_dsn(dsn_file, pg_a.kv_dsn(user, password))
+    write_dsn(dsn_path, pg_a.kv_dsn(user, password))
     engine = create_async_engine(
-        watch_url(dsn_file),
+        watch_url(dsn_path),
         pool_size=2,
         max_overflow=0,
         connect_args={"server_settings": {"application_name": "hot-engine"}},
@@ -561,22 +545,22 @@ async def test_no_password_in_logs_errors_repr_or_events(
     pg_a: PgServer,
     pg_b: PgServer,
     user_ab: Role,
-    dsn_file: Path,
+    dsn_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), echo=True, echo_pool="debug")
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), echo=True, echo_pool="debug")
     seen: list[Event] = []
     engine.add_listener(seen.append)
     texts: list[str] = []
     try:
         assert await port_of(engine) == pg_a.port
-        write_dsn(dsn_file, pg_b.kv_dsn(user, password + "-wrong"))
+        write_dsn(dsn_path, pg_b.kv_dsn(user, password + "-wrong"))
         await wait_until(lambda: engine.last_error, lambda e: e is not None, timeout=10)
         texts += [str(engine.last_error), repr(engine.last_error), repr(engine)]
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         assert await port_of(engine) == pg_b.port
         texts += [repr(engine), str(engine.target), str(engine.url), repr(engine.sync_engine)]
@@ -591,7 +575,7 @@ async def test_no_password_in_logs_errors_repr_or_events(
 
 
 async def test_prometheus_collector_tracks_the_engine(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
@@ -609,11 +593,11 @@ async def test_prometheus_collector_tracks_the_engine(
         }
 
     user, password = user_ab
-    write_dsn(dsn_file, pg_a.dsn(user, password))
+    write_dsn(dsn_path, pg_a.dsn(user, password))
     registry = CollectorRegistry()
     collector = HotloadCollector()
     registry.register(collector)
-    engine = create_async_engine(watch_url(dsn_file), name="orders", pool_size=3)
+    engine = create_async_engine(watch_url(dsn_path), name="orders", pool_size=3)
     try:
         collector.track(engine)
         async with AsyncSession(engine) as session:
@@ -623,7 +607,7 @@ async def test_prometheus_collector_tracks_the_engine(
             assert before["hotload_pool_idle_connections"] == 0
         assert scrape()["hotload_pool_idle_connections"] == 1
         assert before["hotload_change_total"] == 0
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         await swapped_to(engine, 1)
         assert await port_of(engine) == pg_b.port
         after = scrape()
@@ -635,7 +619,7 @@ async def test_prometheus_collector_tracks_the_engine(
 
 
 async def test_a_dsn_on_which_the_apps_connect_listener_fails_is_not_swapped_in(
-    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_file: Path
+    pg_a: PgServer, pg_b: PgServer, user_ab: Role, dsn_path: Path
 ) -> None:
     """The new DSN is proven through the engine's own connect path: an application's
     ``connect`` listener that fails there (here: a table it needs is missing on the new
@@ -645,8 +629,8 @@ async def test_a_dsn_on_which_the_apps_connect_listener_fails_is_not_swapped_in(
     table = f"needed_{user}"
     await pg_a.execute(f'CREATE TABLE "{table}" (id int)')
     await pg_a.execute(f'GRANT SELECT ON "{table}" TO "{user}"')
-    write_dsn(dsn_file, pg_a.dsn(user, password))
-    engine = create_async_engine(watch_url(dsn_file), pool_size=2)
+    write_dsn(dsn_path, pg_a.dsn(user, password))
+    engine = create_async_engine(watch_url(dsn_path), pool_size=2)
 
     @sqlalchemy.event.listens_for(engine.sync_engine, "connect")
     def needs_table(dbapi_connection: Any, record: Any) -> None:
@@ -656,7 +640,7 @@ async def test_a_dsn_on_which_the_apps_connect_listener_fails_is_not_swapped_in(
 
     try:
         assert await port_of(engine) == pg_a.port
-        write_dsn(dsn_file, pg_b.dsn(user, password))
+        write_dsn(dsn_path, pg_b.dsn(user, password))
         error = await wait_until(lambda: engine.last_error, timeout=10)
         # Not the whole name: redaction may hide a piece of it that the password shares.
         assert "needed_" in str(error) and "does not exist" in str(error)
