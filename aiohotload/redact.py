@@ -18,10 +18,12 @@ from .errors import InvalidDSNError
 __all__ = [
     "REDACTED",
     "describe_error",
+    "error_text",
     "redact_dsn",
     "redact_text",
     "redacted_error",
     "secrets_of",
+    "shows_secret",
 ]
 
 REDACTED = "********"
@@ -125,11 +127,20 @@ def describe_error(exc: BaseException, dsn: str) -> str:
     anywhere, so then every piece of the whole DSN is removed. An
     :class:`~aiohotload.InvalidDSNError` holds no DSN text and is returned as it is.
     """
-    message = str(exc)
     if isinstance(exc, InvalidDSNError):
-        return message
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return redact_text(text, _secret_forms(dsn), pieces=True)
+        return str(exc)
+    return redact_text(error_text(exc), _secret_forms(dsn), pieces=True)
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of *exc* (``Type`` when it has no message), unredacted."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def shows_secret(exc: BaseException, dsn: str) -> bool:
+    """Whether the text of *exc* shows anything :func:`describe_error` would hide."""
+    return describe_error(exc, dsn) != error_text(exc)
 
 
 def redacted_error(exc: _E, dsn: str) -> _E | None:

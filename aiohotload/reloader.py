@@ -23,7 +23,14 @@ import anyio
 
 from .errors import DriverError, HotloadError, StrategyError
 from .events import Event, ReloadFailed, ReloadStarted
-from .redact import describe_error, redact_dsn, redact_text, redacted_error
+from .redact import (
+    describe_error,
+    error_text,
+    redact_dsn,
+    redact_text,
+    redacted_error,
+    shows_secret,
+)
 from .strategies import Feedback, get_strategy, open_watch, takes_feedback
 from .strategies.toolkit import Backoff
 from .url import HotloadURL
@@ -451,8 +458,7 @@ def _describe(exc: BaseException, dsn: str) -> str:
     :func:`~aiohotload.describe_error`), or of anything shaped like a password."""
     if dsn:
         return describe_error(exc, dsn)
-    message = str(exc)
-    return redact_text(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+    return redact_text(error_text(exc))
 
 
 def opening_error(exc: BaseException, dsn: str, action: str) -> HotloadError:
@@ -467,14 +473,7 @@ def _as_raised(exc: Exception, dsn: str, safe: HotloadError) -> Exception:
     asyncpg.InvalidPasswordError`` works as with asyncpg: *exc* itself when its text reveals
     nothing of *dsn*'s password, else a redacted copy of it (a user name that shares a few
     characters with the password is enough), else *safe*."""
-    if isinstance(exc, HotloadError) or _shows_no_secret(exc, dsn):
+    if isinstance(exc, HotloadError) or not shows_secret(exc, dsn):
         return exc
     clone = redacted_error(exc, dsn)
-    return clone if clone is not None and _shows_no_secret(clone, dsn) else safe
-
-
-def _shows_no_secret(exc: Exception, dsn: str) -> bool:
-    message = str(exc)
-    return _describe(exc, dsn) == (
-        f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    )
+    return clone if clone is not None and not shows_secret(clone, dsn) else safe

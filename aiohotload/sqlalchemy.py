@@ -54,7 +54,7 @@ from ._lifecycle import Generation, Lifecycle
 from .dsn import as_url, writable_only
 from .errors import DriverError, HotloadError, InvalidOptionError, InvalidURLError
 from .events import EventHub, EventStream
-from .redact import describe_error
+from .redact import describe_error, shows_secret
 from .strategies import get_strategy
 from .url import HotloadURL, parse_url
 
@@ -327,9 +327,8 @@ class HotEngine(AsyncEngine):
                 # DSN.
                 gen = await self._started()
             except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                redacted = describe_error(exc, gen.dsn)
-                if redacted != message:  # never seen from asyncpg, but a password must not show
+                if shows_secret(exc, gen.dsn):  # never seen from asyncpg, but it must not show
+                    redacted = describe_error(exc, gen.dsn)
                     raise DriverError(f"could not connect to {gen.target}: {redacted}") from None
                 raise
         self._made[conn] = gen

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import InvalidOptionError
-from ..redact import redact_text
+from ..redact import error_text, redact_text
 from ..url import parse_bool, parse_duration
 
 __all__ = [
@@ -58,11 +58,7 @@ def describe_error(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     """A one-line description of *exc*: the operating system's reason for an
     :class:`OSError` that has one, else ``Type: message`` (or ``Type``); *secrets* and any
     password pattern removed."""
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    else:
-        message = str(exc)
-        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else error_text(exc)
     return redact_text(text, tuple(secrets))
 
 
